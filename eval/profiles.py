@@ -1,0 +1,90 @@
+"""Named settings for reproducing the reports: ``smoke`` (CPU, minutes) and ``paper`` (GPU).
+
+A profile fixes the model, device, evaluation windows, calibration size and the list of
+experiments (method x bit widths) each notebook runs. ``smoke`` exists so a fresh clone can
+regenerate every report on a 2-core CPU; ``paper`` uses the papers' settings (128 x 2048
+calibration windows, full test sets, methods' paper hyper-parameters).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from qllm_core.methods import QuantConfig
+from qllm_core.runs import CalibConfig
+
+from .experiments import Experiment
+
+W4A16 = QuantConfig(w_bits=4)
+W4A4 = QuantConfig(w_bits=4, a_bits=4)
+W4A4KV4 = QuantConfig(w_bits=4, a_bits=4, kv_bits=4)
+W6A6 = QuantConfig(w_bits=6, a_bits=6)
+# QLLM / OmniQuant quantize weights and activations asymmetrically (methods.md section 1).
+QLLM_BITS = [QuantConfig(w_bits=w, a_bits=a, w_asym=True, a_asym=True) for w, a in ((4, 4), (4, 8), (6, 6))]
+
+RTN_GRID = [
+    Experiment("fp"),
+    Experiment("rtn", QuantConfig(w_bits=8, a_bits=8)),
+    Experiment("rtn", W4A16),
+    Experiment("rtn", W4A4),
+    Experiment("rtn", W4A4KV4),
+]
+
+
+def method_grid(smoke: bool) -> list[Experiment]:
+    """The methods of issues 3-5 at the bit widths their reports need.
+
+    ``smoke`` shortens training (epochs) so the grid runs on a 2-core CPU in minutes; otherwise
+    every method runs with its paper defaults (the method classes' default options).
+    """
+    short = (lambda **kw: kw) if smoke else (lambda **kw: {})
+    grid = [
+        Experiment("smoothquant", W4A4KV4),
+        Experiment("quarot", W4A4KV4),
+        Experiment("gptq", W4A16),
+        Experiment("omniquant", QuantConfig(w_bits=4, a_bits=4, kv_bits=4, w_asym=True, a_asym=True),
+                   short(epochs=2)),
+        Experiment("flatquant", W4A4KV4, short(epochs=2)),
+        Experiment("qllm", QLLM_BITS[0], {"error_correction": False}, label="qllm-reassembly"),
+        Experiment("qllm", QLLM_BITS[0], short(epochs=1)),
+    ]
+    if smoke:
+        return grid
+    return grid + [
+        Experiment("rtn", QuantConfig(w_bits=6, a_bits=6)),
+        *[Experiment("rtn", bits, label="rtn-asym") for bits in QLLM_BITS],
+        Experiment("smoothquant", W4A4),
+        Experiment("smoothquant", W6A6),
+        Experiment("quarot", W4A4),
+        Experiment("quarot", W4A4KV4, {"weight_quantizer": "gptq"}, label="quarot-gptq"),
+        Experiment("omniquant", QuantConfig(w_bits=4, a_bits=4, w_asym=True, a_asym=True)),
+        Experiment("flatquant", W4A4),
+        Experiment("flatquant", W4A16),
+        *[Experiment("qllm", bits, {"error_correction": False}, label="qllm-reassembly") for bits in QLLM_BITS[1:]],
+        *[Experiment("qllm", bits) for bits in QLLM_BITS[1:]],
+    ]
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    model: str = "embedded"
+    device: str = "cpu"
+    datasets: tuple[str, ...] = ("wikitext2", "ptb")
+    max_windows: int | None = 8
+    calib: CalibConfig = CalibConfig(nsamples=128, seqlen=2048)
+    experiments: tuple[Experiment, ...] = ()
+
+
+PROFILES = {
+    "smoke": Profile("smoke", calib=CalibConfig(nsamples=8, seqlen=512),
+                     experiments=tuple(RTN_GRID + method_grid(smoke=True))),
+    "paper": Profile("paper", device="cuda", max_windows=None, calib=CalibConfig(nsamples=128, seqlen=2048),
+                     experiments=tuple(RTN_GRID + method_grid(smoke=False))),
+}
+
+
+def get_profile(name: str, **overrides) -> Profile:
+    """The named profile with any non-None overrides applied (notebook parameters)."""
+    if name not in PROFILES:
+        raise ValueError(f"unknown profile {name!r}; available: {sorted(PROFILES)}")
+    return replace(PROFILES[name], **{k: v for k, v in overrides.items() if v is not None})

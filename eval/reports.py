@@ -1,0 +1,63 @@
+"""Long-format report tables that reviewers can ``git diff``.
+
+Every report is one CSV (plus a Markdown rendering) under ``reports/tables/``. Rows from every
+method land in the same file; re-running a configuration replaces its row (matched on the key
+columns), and rows are sorted stably, so a diff between commits shows only what changed.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+PERPLEXITY_COLUMNS = ["model", "method", "w_bits", "a_bits", "kv_bits", "dataset", "windows", "ppl",
+                      "calib_data", "calib_samples", "calib_seqlen", "profile", "device"]
+CALIBRATION_COLUMNS = ["model", "method", "w_bits", "a_bits", "kv_bits", "calib_data", "calib_samples",
+                       "calib_seqlen", "calib_seconds", "peak_gpu_mem_gib", "profile", "device"]
+VALUE_COLUMNS = {"ppl", "device", "calib_seconds", "peak_gpu_mem_gib"}
+
+
+def key_columns(columns: list[str]) -> list[str]:
+    return [c for c in columns if c not in VALUE_COLUMNS]
+
+
+def upsert_rows(csv_path: str | Path, rows: list[dict], columns: list[str], float_digits: int = 4) -> pd.DataFrame:
+    """Merge ``rows`` into the table at ``csv_path`` (replacing rows with the same key), write CSV + MD."""
+    csv_path = Path(csv_path)
+    missing = [c for row in rows for c in columns if c not in row]
+    if missing:
+        raise KeyError(f"rows lack columns {sorted(set(missing))} for {csv_path.name}")
+    new = pd.DataFrame([{c: row[c] for c in columns} for row in rows], columns=columns)
+    keys = key_columns(columns)
+    if csv_path.is_file():
+        old = pd.read_csv(csv_path, keep_default_na=False, dtype=str)
+        new_str = new.astype(str)
+        merged_keys = old[keys].merge(new_str[keys].drop_duplicates(), on=keys, how="left", indicator=True)
+        old = old[(merged_keys["_merge"] == "left_only").to_numpy()]
+        table = pd.concat([old, new_str], ignore_index=True)
+    else:
+        table = new.astype(str)
+    table = _format(table, float_digits).sort_values(keys, kind="stable").reset_index(drop=True)
+    csv_path.parent.mkdir(parents=True, exist_ok=True)
+    table.to_csv(csv_path, index=False)
+    csv_path.with_suffix(".md").write_text(to_markdown(table))
+    return table
+
+
+def _format(table: pd.DataFrame, digits: int) -> pd.DataFrame:
+    def fmt(value: str) -> str:
+        try:
+            number = float(value)
+        except ValueError:
+            return value
+        if number.is_integer() and "." not in value:
+            return value
+        return f"{number:.{digits}f}"
+    return table.apply(lambda col: col.map(fmt) if col.name in VALUE_COLUMNS else col)
+
+
+def to_markdown(table: pd.DataFrame) -> str:
+    header = "| " + " | ".join(table.columns) + " |"
+    rule = "|" + "|".join("---" for _ in table.columns) + "|"
+    body = ["| " + " | ".join(str(v) for v in row) + " |" for row in table.itertuples(index=False)]
+    return "\n".join([header, rule, *body]) + "\n"

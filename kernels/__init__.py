@@ -1,0 +1,12 @@
+"""Triton kernels for low-bit inference on Hopper (issue 6), each beside its PyTorch reference.
+
+- kronecker: `kronecker_factors(n)` (the project's one definition) and the reference transform.
+- transform_quant: kernel 1, fused Kronecker transform + per-token int4 quantization.
+- w4_matmul: kernels 2-3, W4A4 GEMM (FP8 or int8 tensor cores) and the decode GEMV tiles, W4A16.
+- qlinear: `W4A4Linear`, the quantized linear layer used for inference.
+- llama_layer: a LLaMA decoder layer (bf16 / W4A4 / FlatQuant / QuaRot-style) for benchmarks.
+Importing the Triton modules needs `triton`; `kronecker` alone does not.
+"""
+from .kronecker import check_factors, kron_transform_ref, kronecker_factors
+
+__all__ = ["check_factors", "kron_transform_ref", "kronecker_factors"]

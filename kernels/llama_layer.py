@@ -1,0 +1,166 @@
+"""A LLaMA decoder layer for speed benchmarks, bf16 or assembled from quantized linears.
+
+Layer shapes only (weights random; values do not change cost). Structure: input RMSNorm,
+fused q/k/v projection with GQA, RoPE, attention through torch SDPA, o_proj, residual,
+post-attention RMSNorm, fused gate/up, SiLU·up, down_proj, residual.
+
+What stays in bf16 in every variant (said so in reports/kernels_notes.md): RMSNorm, RoPE,
+SiLU, residuals, and attention itself over a bf16 KV cache; no 4-bit KV-cache kernel is built.
+
+Variants (methods.md §2 "Placement"; QuaRot for the comparison of issue 6 (d)):
+- ``bf16``: cuBLAS linears.
+- ``w4a4``: per-token int4 activations, no online transform (RTN / QLLM style).
+- ``flatquant``: fused Kronecker transform + quantize at the four linear inputs: q/k/v and
+  gate/up (hidden factors), o_proj (heads x head_dim), down_proj (intermediate factors).
+- ``quarot``: online Hadamard only where QuaRot needs one (o_proj over heads x head_dim,
+  down_proj), run as its own launch before the quantizer, like QuaRot's separate Hadamard
+  kernel. Walsh-Hadamard factors where the size is a power of two; a random orthogonal
+  stand-in otherwise (QuaRot's H_172 has no Sylvester form; the cost depends on sizes only).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .kronecker import kronecker_factors
+from .qlinear import W4A4Linear
+
+VARIANTS = ("bf16", "w4a4", "flatquant", "quarot")
+
+
+@dataclass(frozen=True)
+class LlamaShape:
+    name: str
+    hidden: int
+    inter: int
+    heads: int
+    kv_heads: int
+    head_dim: int = 128
+
+    @property
+    def qkv_out(self) -> int:
+        return (self.heads + 2 * self.kv_heads) * self.head_dim
+
+
+LLAMA_SHAPES = {s.name: s for s in (
+    LlamaShape("llama2-7b", 4096, 11008, 32, 32),
+    LlamaShape("llama2-13b", 5120, 13824, 40, 40),
+    LlamaShape("llama2-70b", 8192, 28672, 64, 8),
+    LlamaShape("llama3-8b", 4096, 14336, 32, 8),
+)}
+
+
+def hadamard(n: int, device=None) -> torch.Tensor:
+    """Orthonormal Sylvester-Walsh-Hadamard matrix of a power-of-two size n."""
+    if n < 1 or n & (n - 1):
+        raise ValueError(f"Sylvester Hadamard needs a power of two, got {n}")
+    h = torch.ones(1, 1, device=device)
+    while h.shape[0] < n:
+        h = torch.cat((torch.cat((h, h), 1), torch.cat((h, -h), 1)), 0)
+    return h / math.sqrt(n)
+
+
+def random_orthogonal(n: int, generator: torch.Generator, device=None) -> torch.Tensor:
+    q, r = torch.linalg.qr(torch.randn(n, n, generator=generator, dtype=torch.float64))
+    return (q * torch.sign(torch.diagonal(r))).float().to(device)
+
+
+def _factor(n: int, kind: str, gen: torch.Generator, device) -> torch.Tensor:
+    if kind == "hadamard" and not n & (n - 1):
+        return hadamard(n, device)
+    return random_orthogonal(n, gen, device)
+
+
+def _quant_linear(out_f: int, in_f: int, factors: tuple[int, int] | None, kind: str, fuse: bool,
+                  gen: torch.Generator, device) -> W4A4Linear:
+    packed = torch.randint(0, 256, (out_f, in_f // 2), dtype=torch.uint8, device=device)
+    scale = torch.rand(out_f, device=device) * 1e-2 + 1e-3
+    p1 = p2 = None
+    if factors is not None:
+        p1 = _factor(factors[0], kind, gen, device).to(torch.bfloat16)
+        p2 = _factor(factors[1], kind, gen, device).to(torch.bfloat16)
+    return W4A4Linear(packed, scale, p1, p2, fuse_transform=fuse)
+
+
+def _bf16_linear(out_f: int, in_f: int, device) -> nn.Linear:
+    lin = nn.Linear(in_f, out_f, bias=False, device=device, dtype=torch.bfloat16)
+    with torch.no_grad():
+        lin.weight.normal_(0.0, 1.0 / math.sqrt(in_f))
+    return lin
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    a, b = x.chunk(2, dim=-1)
+    return torch.cat((-b, a), dim=-1)
+
+
+class DecoderLayer(nn.Module):
+    """LLaMA decoder layer around four linear modules (bf16 nn.Linear or W4A4Linear)."""
+
+    def __init__(self, shape: LlamaShape, qkv: nn.Module, o: nn.Module, gate_up: nn.Module, down: nn.Module,
+                 device=None, max_positions: int = 8192, eps: float = 1e-5):
+        super().__init__()
+        self.shape, self.eps = shape, eps
+        self.qkv, self.o, self.gate_up, self.down = qkv, o, gate_up, down
+        self.norm1 = nn.Parameter(torch.ones(shape.hidden, device=device, dtype=torch.bfloat16))
+        self.norm2 = nn.Parameter(torch.ones(shape.hidden, device=device, dtype=torch.bfloat16))
+        inv = 1.0 / (10000 ** (torch.arange(0, shape.head_dim, 2, device=device).float() / shape.head_dim))
+        ang = torch.arange(max_positions, device=device).float()[:, None] * inv[None, :]
+        ang = torch.cat((ang, ang), -1)
+        self.register_buffer("cos", ang.cos().to(torch.bfloat16))
+        self.register_buffer("sin", ang.sin().to(torch.bfloat16))
+
+    def _rope(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        return x * self.cos[pos] + _rotate_half(x) * self.sin[pos]
+
+    def forward(self, x: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None,
+                kv_len: int = 0) -> torch.Tensor:
+        """Prefill when kv_cache is None (causal over x's tokens); else decode one token per
+        sequence, writing its K/V at slot kv_len of the preallocated bf16 cache (B, Hkv, L, D)
+        and attending over slots [0, kv_len]."""
+        s = self.shape
+        b, t, _ = x.shape
+        h = F.rms_norm(x, (s.hidden,), self.norm1, self.eps)
+        qkv = self.qkv(h).view(b, t, s.heads + 2 * s.kv_heads, s.head_dim).transpose(1, 2)
+        q, k, v = qkv.split((s.heads, s.kv_heads, s.kv_heads), dim=1)
+        pos = torch.arange(kv_len, kv_len + t, device=x.device)
+        q, k = self._rope(q, pos), self._rope(k, pos)
+        if kv_cache is None:
+            attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        else:
+            kc, vc = kv_cache
+            kc[:, :, kv_len:kv_len + t] = k
+            vc[:, :, kv_len:kv_len + t] = v
+            attn = F.scaled_dot_product_attention(q, kc[:, :, :kv_len + t], vc[:, :, :kv_len + t], enable_gqa=True)
+        x = x + self.o(attn.transpose(1, 2).reshape(b, t, s.heads * s.head_dim))
+        h = F.rms_norm(x, (s.hidden,), self.norm2, self.eps)
+        gate, up = self.gate_up(h).chunk(2, dim=-1)
+        return x + self.down(F.silu(gate) * up)
+
+
+def build_layer(shape: LlamaShape, variant: str, device, seed: int = 0) -> DecoderLayer:
+    """One decoder layer of `shape` in one of VARIANTS, random weights (layer shapes only)."""
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    torch.manual_seed(seed)  # large weights are drawn on `device`; small factors from `gen` on the CPU
+    gen = torch.Generator().manual_seed(seed)
+    dims = dict(qkv=(shape.qkv_out, shape.hidden), o=(shape.hidden, shape.heads * shape.head_dim),
+                gate_up=(2 * shape.inter, shape.hidden), down=(shape.hidden, shape.inter))
+    if variant == "bf16":
+        lins = {name: _bf16_linear(o, i, device) for name, (o, i) in dims.items()}
+    else:
+        kron_h, kron_i = kronecker_factors(shape.hidden), kronecker_factors(shape.inter)
+        heads = (shape.heads, shape.head_dim)
+        factors = {
+            "w4a4": dict(qkv=None, o=None, gate_up=None, down=None),
+            "flatquant": dict(qkv=kron_h, o=heads, gate_up=kron_h, down=kron_i),
+            "quarot": dict(qkv=None, o=heads, gate_up=None, down=kron_i),
+        }[variant]
+        kind = "hadamard" if variant == "quarot" else "orthogonal"
+        lins = {name: _quant_linear(o, i, factors[name], kind, variant != "quarot", gen, device)
+                for name, (o, i) in dims.items()}
+    return DecoderLayer(shape, device=device, **lins)

@@ -1,0 +1,174 @@
+"""GPTQ (Frantar et al., ICLR 2023): second-order weight quantization from calibration inputs.
+
+For a linear layer with calibration inputs X, GPTQ minimises ||W·Xᵀ − Q·Xᵀ||² column by column:
+after quantizing column i it spreads the rounding error over the not-yet-quantized columns using
+the inverse Hessian H⁻¹ (H = 2·XᵀX/N), through its upper Cholesky factor (paper Algorithm 1).
+Implemented here with the paper's options: lazy batch updates (``blocksize`` columns at a time),
+dampening ``percdamp``·mean(diag H), and act order (columns by decreasing diag H).
+
+Scales follow a :class:`~qllm_core.quant.Quantizer`'s settings (bits, symmetric, group size, clip
+ratio or learned clip). Per-channel scales come from the original weight, as in GPTQ's code.
+With groups, a group's scale is computed from the (error-updated) weights when the algorithm
+reaches the group's first column (GPTQ's default); with act order and groups we use static groups
+(scales from the original weight, GPTQ's ``--static-groups``) so that every group keeps contiguous
+columns of the original order.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..engine import LayerContext
+from ..quant import QuantLinear, Quantizer
+from ..quant.quantizer import quant_params
+
+
+class HessianAccumulator:
+    """Running GPTQ Hessians H = 2/N·Σ xᵀx of the inputs of several modules (forward pre-hooks).
+
+    Use as a context manager around forward passes; ``hessians[name]`` is (in, in) float32.
+    """
+
+    def __init__(self, modules: dict[str, nn.Module]):
+        self.hessians: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+        self._modules = modules
+        self._handles: list = []
+
+    def _hook(self, name: str):
+        def hook(_module, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            n_old, n_new = self.counts.get(name, 0), x.shape[0]
+            total = n_old + n_new
+            h = self.hessians.get(name)
+            update = (2.0 / total) * (x.T @ x)
+            self.hessians[name] = update if h is None else h * (n_old / total) + update
+            self.counts[name] = total
+        return hook
+
+    def __enter__(self) -> "HessianAccumulator":
+        self._handles = [m.register_forward_pre_hook(self._hook(n)) for n, m in self._modules.items()]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+def _params(w: torch.Tensor, quantizer: Quantizer):
+    """Scale/zero/range of ``w``'s rows (groups along the last dim) under ``quantizer``'s clip."""
+    cmax, cmin = quantizer.clip_factors()
+    if torch.is_tensor(cmax):
+        cmax = cmax.detach().to(w)
+        cmin = None if cmin is None else cmin.detach().to(w)
+    return quant_params(w, quantizer.bits, quantizer.symmetric, cmax, cmin)
+
+
+def _round(col: torch.Tensor, scale, zero, qmin: int, qmax: int) -> torch.Tensor:
+    q = torch.clamp(torch.round(col / scale) + zero, qmin, qmax)
+    return (q - zero) * scale
+
+
+@torch.no_grad()
+def gptq_quantize_weight(weight: torch.Tensor, hessian: torch.Tensor, quantizer: Quantizer, blocksize: int = 128,
+                         percdamp: float = 0.01, act_order: bool = False) -> torch.Tensor:
+    """The GPTQ fake-quantized version of ``weight`` (out, in), same dtype/device as ``weight``.
+
+    ``hessian`` (in, in) is 2/N·XᵀX of the layer's inputs (:class:`HessianAccumulator`).
+    """
+    if weight.dim() != 2 or hessian.shape != (weight.shape[1], weight.shape[1]):
+        raise ValueError(f"hessian must be (in, in) = {(weight.shape[1],) * 2} for weight {tuple(weight.shape)}, "
+                         f"got {tuple(hessian.shape)}")
+    if not quantizer.enabled:
+        return weight.clone()
+    out_f, in_f = weight.shape
+    group = quantizer.group_size if quantizer.group_size and quantizer.group_size < in_f else None
+    if group is not None and in_f % group:
+        raise ValueError(f"in_features {in_f} not divisible by group_size {group}")
+    w = weight.detach().float().clone()
+    h = hessian.detach().to(w).clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    perm = torch.argsort(torch.diag(h), descending=True) if act_order else None
+    # Per-channel scales, or static group scales (act order), come from the original weight.
+    static = None
+    if group is None:
+        static = _params(w, quantizer)
+    elif act_order:
+        static = [_params(w[:, g:g + group], quantizer) for g in range(0, in_f, group)]
+    if perm is not None:
+        w, h = w[:, perm], h[perm][:, perm]
+    h += percdamp * torch.mean(torch.diag(h)) * torch.eye(in_f, dtype=h.dtype, device=h.device)
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    q = torch.zeros_like(w)
+    params = static if group is None else None
+    for i1 in range(0, in_f, blocksize):
+        i2 = min(i1 + blocksize, in_f)
+        w1, hinv1 = w[:, i1:i2].clone(), hinv[i1:i2, i1:i2]
+        err1 = torch.zeros_like(w1)
+        for i in range(i2 - i1):
+            col = i1 + i
+            if group is not None:
+                if act_order:
+                    params = static[int(perm[col]) // group]
+                elif col % group == 0:
+                    params = _params(torch.cat([w1[:, i:], w[:, i2:]], dim=1)[:, :group], quantizer)
+            scale, zero, qmin, qmax = params
+            qcol = _round(w1[:, i:i + 1], scale, zero, qmin, qmax).squeeze(1)
+            q[:, col] = qcol
+            err = (w1[:, i] - qcol) / hinv1[i, i]
+            w1[:, i:] -= err[:, None] @ hinv1[i:i + 1, i:]
+            err1[:, i] = err
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    if perm is not None:
+        q = q[:, torch.argsort(perm)]
+    return q.to(weight.dtype)
+
+
+def transformed_weight(qlinear: QuantLinear) -> torch.Tensor:
+    """The FP weight the GEMM sees: W with the input transform's weight side applied."""
+    w = qlinear.weight
+    return w if qlinear.input_transform is None else qlinear.input_transform.transform_weight(w)
+
+
+@torch.no_grad()
+def store_quantized_weight(qlinear: QuantLinear, quantized: torch.Tensor) -> None:
+    """Make ``quantized`` the frozen effective weight of ``qlinear`` (what freeze_weight stores)."""
+    qlinear.weight = nn.Parameter(quantized.detach().clone(), requires_grad=False)
+    qlinear.weight_frozen.fill_(True)
+
+
+# GPTQ's "true sequential" order inside a LLaMA block: each group's inputs depend on the groups
+# quantized before it.
+SEQUENTIAL_GROUPS: tuple[tuple[str, ...], ...] = (("q_proj", "k_proj", "v_proj"), ("o_proj",),
+                                                   ("gate_proj", "up_proj"), ("down_proj",))
+
+
+@torch.no_grad()
+def gptq_quantize_layer(layer: nn.Module, ctx: LayerContext, blocksize: int = 128, percdamp: float = 0.01,
+                        act_order: bool = False, true_sequential: bool = True) -> None:
+    """GPTQ on every QuantLinear of a decoder layer, Hessians from ``ctx.quant_inputs``.
+
+    The Hessian of each linear is taken on its transformed input T(x) before the activation
+    quantizer (a pre-hook on ``act_quantizer``), i.e. what GPTQ under QuaRot sees; inputs come from
+    the already-quantized previous layers (falls back to ``ctx.fp_inputs`` if not tracked). With
+    ``true_sequential`` the groups of :data:`SEQUENTIAL_GROUPS` are quantized one after the other,
+    each seeing inputs produced by the already-GPTQ-quantized groups before it.
+    """
+    inputs = ctx.quant_inputs if ctx.quant_inputs is not None else ctx.fp_inputs
+    linears = {role: ctx.adapter.linear(layer, role) for group in SEQUENTIAL_GROUPS for role in group}
+    for role, module in linears.items():
+        if not isinstance(module, QuantLinear):
+            raise TypeError(f"{role} is {type(module).__name__}, expected QuantLinear (call build_layer first)")
+    groups = SEQUENTIAL_GROUPS if true_sequential else (tuple(linears),)
+    for group in groups:
+        with HessianAccumulator({role: linears[role].act_quantizer for role in group}) as acc:
+            for i in range(inputs.shape[0]):
+                ctx.forward(layer, inputs[i:i + 1].to(ctx.device))
+        for role in group:
+            qlinear = linears[role]
+            quantized = gptq_quantize_weight(transformed_weight(qlinear), acc.hessians[role],
+                                             qlinear.weight_quantizer, blocksize, percdamp, act_order)
+            store_quantized_weight(qlinear, quantized)

@@ -1,0 +1,191 @@
+"""Block-wise (layer-by-layer) calibration engine.
+
+The standard recipe of GPTQ, OmniQuant, QLLM and FlatQuant: capture the inputs of decoder layer 0
+for N calibration windows, then walk the layers one at a time. Only the layer being processed is
+on the accelerator; the rest of the model and the activations stay on the CPU, which is what lets
+a 70B model calibrate on one GPU. Each layer gets its full-precision inputs and outputs (and,
+for methods that want them, the inputs produced by the already-quantized layers before it), the
+method mutates the layer in place, and the result is saved to ``<run_dir>/layers/NNN.safetensors``
+before moving on. An interrupted run resumes: saved layers are rebuilt and reloaded, and only the
+(cheap) forward passes needed to regenerate the next layer's inputs are repeated.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm import tqdm
+
+from .adapters import ModelAdapter
+
+
+class _StopForward(Exception):
+    pass
+
+
+@dataclass
+class LayerInputs:
+    """Hidden states entering a decoder layer, ``(n, seqlen, hidden)`` on the storage device,
+    and the keyword arguments the model passes to every layer (rotary embeddings, mask...)."""
+
+    hidden: torch.Tensor
+    kwargs: dict = field(default_factory=dict)
+
+
+@dataclass
+class LayerContext:
+    """What a method sees when it calibrates one layer."""
+
+    index: int
+    fp_inputs: torch.Tensor  # FP model's inputs to this layer (storage device)
+    fp_outputs: torch.Tensor  # FP layer's outputs for fp_inputs (the usual target)
+    quant_inputs: torch.Tensor | None  # inputs from the already-quantized layers, if tracked
+    layer_kwargs: dict  # on `device`
+    device: torch.device
+    adapter: ModelAdapter
+
+    def forward(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """Run ``layer`` on a batch already on ``device``."""
+        return call_layer(layer, hidden, self.layer_kwargs)
+
+
+class LayerMethod(Protocol):
+    """A quantization method as the engine drives it (see qllm_core.methods)."""
+
+    name: str
+    needs_calibration: bool  # False: no data needed (e.g. RTN)
+    tracks_quant_inputs: bool  # True: also propagate inputs through the quantized layers
+
+    def prepare_model(self, model: nn.Module, adapter: ModelAdapter) -> None: ...
+    def build_layer(self, index: int, layer: nn.Module, adapter: ModelAdapter) -> None: ...
+    def calibrate_layer(self, layer: nn.Module, ctx: LayerContext | None) -> None: ...
+
+
+def call_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    out = layer(hidden, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _move(obj, device):
+    if torch.is_tensor(obj):
+        return obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_move(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _move(v, device) for k, v in obj.items()}
+    return obj
+
+
+@torch.no_grad()
+def capture_layer0_inputs(
+    model: nn.Module, adapter: ModelAdapter, input_ids: torch.Tensor, device: torch.device,
+    batch_size: int = 1, storage_device: str | torch.device = "cpu",
+) -> LayerInputs:
+    """Run the embedding and stop at decoder layer 0, collecting its inputs and kwargs."""
+    layers = adapter.layers
+    hidden, kwargs_box = [], {}
+
+    def grab(_module, args, kwargs):
+        hidden.append(args[0].to(storage_device) if args else kwargs.pop("hidden_states").to(storage_device))
+        kwargs_box.update({k: v for k, v in kwargs.items() if k != "hidden_states"})
+        raise _StopForward
+
+    small_parts = [adapter.embed_tokens, adapter.rotary_emb]
+    originals = [next(m.parameters(), next(m.buffers(), torch.empty(0))).device for m in small_parts]
+    for m in small_parts:
+        m.to(device)
+    handle = layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        for start in range(0, input_ids.shape[0], batch_size):
+            try:
+                model(input_ids[start : start + batch_size].to(device), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+        for m, dev in zip(small_parts, originals):
+            m.to(dev)
+    kwargs_box["past_key_values"] = None
+    kwargs_box["use_cache"] = False
+    return LayerInputs(torch.cat(hidden), _move(kwargs_box, "cpu"))
+
+
+@torch.no_grad()
+def run_layer_batched(layer: nn.Module, hidden: torch.Tensor, kwargs: dict, device, batch_size: int) -> torch.Tensor:
+    """Forward ``hidden`` (storage device) through ``layer`` (on ``device``) in batches."""
+    outs = [call_layer(layer, hidden[i : i + batch_size].to(device), kwargs).to(hidden.device)
+            for i in range(0, hidden.shape[0], batch_size)]
+    return torch.cat(outs)
+
+
+class BlockwiseEngine:
+    """Walk a model's decoder layers one at a time, applying a :class:`LayerMethod`.
+
+    Args:
+        model, adapter: the (CPU-resident) model and its adapter.
+        device: where each layer is processed ("cuda", "cpu").
+        layer_dir: directory for per-layer checkpoints (``NNN.safetensors``); None disables resume.
+        batch_size: windows per forward pass when propagating activations.
+    """
+
+    def __init__(self, model: nn.Module, adapter: ModelAdapter, device: str | torch.device = "cpu",
+                 layer_dir: str | Path | None = None, batch_size: int = 1):
+        self.model = model
+        self.adapter = adapter
+        self.device = torch.device(device)
+        self.layer_dir = Path(layer_dir) if layer_dir is not None else None
+        self.batch_size = batch_size
+
+    def checkpoint_path(self, index: int) -> Path | None:
+        return None if self.layer_dir is None else self.layer_dir / f"{index:03d}.safetensors"
+
+    def run(self, method: LayerMethod, calibration_ids: torch.Tensor | None = None) -> None:
+        """Quantize every decoder layer with ``method`` (in place)."""
+        method.prepare_model(self.model, self.adapter)
+        if method.needs_calibration and calibration_ids is None:
+            raise ValueError(f"method {method.name!r} needs calibration data")
+        stream = None
+        if method.needs_calibration:
+            stream = capture_layer0_inputs(self.model, self.adapter, calibration_ids, self.device, self.batch_size)
+        fp_inputs = stream.hidden if stream else None
+        quant_inputs = fp_inputs if (stream and method.tracks_quant_inputs) else None
+        kwargs = _move(stream.kwargs, self.device) if stream else {}
+        for index, layer in enumerate(tqdm(self.adapter.layers, desc=f"{method.name} layers")):
+            layer.to(self.device)
+            fp_outputs = run_layer_batched(layer, fp_inputs, kwargs, self.device, self.batch_size) if stream else None
+            method.build_layer(index, layer, self.adapter)
+            layer.to(self.device)  # modules created by build_layer start on the CPU
+            saved = self.checkpoint_path(index)
+            if saved is not None and saved.is_file():
+                load_layer_state(layer, saved)
+            else:
+                ctx = None if stream is None else LayerContext(
+                    index, fp_inputs, fp_outputs, quant_inputs, kwargs, self.device, self.adapter)
+                method.calibrate_layer(layer, ctx)
+                if saved is not None:
+                    save_layer_state(layer, saved)
+            if quant_inputs is not None:
+                quant_inputs = run_layer_batched(layer, quant_inputs, kwargs, self.device, self.batch_size)
+            layer.to("cpu")
+            fp_inputs = fp_outputs
+        self.model.to("cpu")
+
+
+def save_layer_state(layer: nn.Module, path: Path) -> None:
+    """Write a layer's full state dict atomically (a killed run never leaves half a file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # clone: methods may share one tensor between modules (a transform used by q, k and v),
+    # which safetensors refuses to store twice; loading copies it back into every owner.
+    state = {k: v.detach().cpu().clone().contiguous() for k, v in layer.state_dict().items()}
+    tmp = path.with_suffix(".tmp")
+    save_file(state, str(tmp))
+    tmp.replace(path)
+
+
+def load_layer_state(layer: nn.Module, path: Path) -> None:
+    device = next(layer.parameters()).device
+    layer.load_state_dict(load_file(str(path), device=str(device)), strict=True)

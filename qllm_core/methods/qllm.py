@@ -1,0 +1,300 @@
+"""QLLM (ICLR 2024): adaptive channel reassembly + efficient low-rank error correction.
+
+Per decoder layer (methods.md section 3; official ModelTC/QLLM ``quantize/qllm.py``):
+
+1. **Reassembly** (Sec. 3.1-3.2, algorithms in :mod:`qllm_core.reassembly`) at three sites: the
+   q/k/v input (input RMSNorm output), the gate/up input (post-attention RMSNorm output) and the
+   down_proj input. Statistics come from the FP layer on the FP calibration inputs: per-channel
+   max |x| over all tokens, activations of the first ``calibrate_bs`` windows for pair scores and
+   the search. The search objective is the paper's: MSE between the quantized (act + weight)
+   reassembled sub-layer output and the FP one — attention output before o_proj for the qkv site,
+   ``act(gate(x)) * up(x)`` for gate/up, down_proj's output for down.
+2. **Folding / inference cost.** The disassembly factors ``1/T_c`` are folded offline into the
+   preceding RMSNorm weight (qkv, gate/up sites) or into up_proj's output rows (down site; exact,
+   since ``act(g) * (u / T) = (act(g) * u) / T`` and per-row weight quantization is scale
+   invariant). What stays online is index work only: the duplication of disassembled channels and
+   the averaging of merged pairs (a gather of C elements plus r adds per token, fusable into the
+   norm / the act-quant kernel; no extra GEMM, no extra weights). The official code applies the
+   whole map online (``CRModule``: ``repeat_interleave`` + ``scatter_reduce``) and folds nothing.
+3. **Efficient error correction** (Sec. 3.3): rank-``rank`` LoRA adapters on every quantized linear
+   of the layer, trained with the official forward ``Q_a(x) @ (Q_w(W) + B A / rank)ᵀ``
+   (``quantize/int_linear_lora.py``: lora_alpha = 1, A Kaiming-uniform, B zero) on the frozen
+   quantized base; AdamW (weight decay 0), linear LR decay, batch 1; input = the quantized
+   model's layer inputs, target = the FP layer outputs (official: student on ``quant_inps``,
+   teacher on ``fp_inps``). Afterwards ``B A / rank`` is added to ``Q_w(W)`` and the sum is
+   re-quantized with the same quantizer, so inference pays nothing.
+
+Deviations, stated: (a) the paper trains groups of ``num_layer = 4`` consecutive layers jointly;
+the block-wise engine hands a method one layer at a time, so ``num_layer = 1`` is implemented
+(other values are refused). (b) OmniQuant-style learnable weight clipping (LWC) is not trained —
+weights are plain asymmetric per-channel min/max RTN, activations asymmetric per-token
+(``QuantConfig(w_asym=True, a_asym=True)``). (c) FP32 training (official: bf16 autocast).
+(d) The official final layer norm tuning (``tune_last_ln``) lies outside the decoder layers
+and is not done. (e) The search also evaluates "no reassembly" (see :mod:`qllm_core.reassembly`).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.nn.utils import parametrize
+
+from ..adapters import ModelAdapter, get_path
+from ..calib_stats import input_channel_absmax
+from ..engine import LayerContext
+from ..quant import OFF_BITS, QuantLinear, Quantizer
+from ..reassembly import ChannelReassembly, ReassemblyPlan, find_threshold
+from .base import QuantMethod, quant_linears
+
+# Reassembly sites: the linears reading one input tensor (adapters.INPUT_GROUPS), o_proj excluded.
+SITES: dict[str, tuple[str, ...]] = {
+    "qkv": ("q_proj", "k_proj", "v_proj"),
+    "gate_up": ("gate_proj", "up_proj"),
+    "down": ("down_proj",),
+}
+
+DEFAULT_OPTIONS = {
+    "reassembly": True,
+    "error_correction": True,
+    "channel_ratio": 0.2,  # scripts: --channel_ratio 0.2
+    "rank": 4,  # paper Sec. 4: r = 4
+    "lr": 5e-4,  # paper: 5e-4 (7B/13B), 1e-4 (70B); official llama-2-7b w4a4 script uses 1e-4
+    "epochs": 10,
+    "num_layer": 1,  # paper: 4 (see module docstring, deviation (a))
+    "batch_size": 1,
+    "calibrate_bs": 1,  # windows whose activations feed pair scores and the theta search
+    "max_candidates": None,  # None: every distinct count (paper); an int thins the sweep (smoke)
+    "requantize": True,  # re-quantize the merged weights (False only for the fusion test)
+    "seed": 0,
+}
+
+
+class _Stop(Exception):
+    """Raised by a capture hook to end a forward pass early."""
+
+
+@contextlib.contextmanager
+def full_precision(layer: nn.Module):
+    """Temporarily switch off every fake quantizer in ``layer`` (FP reference passes)."""
+    quantizers = [m for m in layer.modules() if isinstance(m, Quantizer)]
+    saved = [q.bits for q in quantizers]
+    for q in quantizers:
+        q.bits = OFF_BITS
+    try:
+        yield
+    finally:
+        for q, bits in zip(quantizers, saved):
+            q.bits = bits
+
+
+class LowRankDelta(nn.Module):
+    """Parametrization ``W -> W + B A * scaling`` (LoRA on a frozen quantized weight)."""
+
+    def __init__(self, out_features: int, in_features: int, rank: int, generator: torch.Generator, like: torch.Tensor):
+        super().__init__()
+        a = torch.empty(rank, in_features, dtype=torch.float32)
+        bound = 1.0 / math.sqrt(in_features)  # kaiming_uniform_(a=sqrt(5)) bound, as nn.Linear/LoRA
+        a.uniform_(-bound, bound, generator=generator)
+        self.lora_A = nn.Parameter(a.to(like))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, rank, dtype=like.dtype, device=like.device))
+        self.scaling = 1.0 / rank  # lora_alpha = 1
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight + (self.lora_B @ self.lora_A) * self.scaling
+
+
+def attach_low_rank(qlinear: QuantLinear, rank: int, generator: torch.Generator) -> LowRankDelta:
+    """Freeze ``qlinear``'s quantized weight and train a rank-``rank`` update on top of it."""
+    qlinear.freeze_weight()
+    delta = LowRankDelta(qlinear.out_features, qlinear.in_features, rank, generator, qlinear.weight)
+    parametrize.register_parametrization(qlinear, "weight", delta)
+    return delta
+
+
+@torch.no_grad()
+def fuse_low_rank(qlinear: QuantLinear, requantize: bool = True) -> None:
+    """Merge the adapter into the weight (``Q_w(W) + B A / r``) and optionally re-quantize it."""
+    parametrize.remove_parametrizations(qlinear, "weight", leave_parametrized=True)
+    qlinear.weight.requires_grad_(False)
+    if requantize:
+        qlinear.weight.copy_(qlinear.weight_quantizer(qlinear.weight))
+
+
+class QLLMMethod(QuantMethod):
+    """QLLM: channel reassembly (optional) + low-rank error correction (optional); see module doc."""
+
+    name = "qllm"
+    needs_calibration = True
+    tracks_quant_inputs = True
+
+    def __init__(self, quant, **options):
+        unknown = set(options) - set(DEFAULT_OPTIONS)
+        if unknown:
+            raise ValueError(f"unknown QLLM options {sorted(unknown)}; known: {sorted(DEFAULT_OPTIONS)}")
+        merged = {**DEFAULT_OPTIONS, **options}
+        if merged["num_layer"] != 1:
+            raise ValueError("QLLM num_layer must be 1 here: the block-wise engine calibrates one decoder layer "
+                             "at a time (the paper's 4-layer groups need an engine extension)")
+        for key in ("rank", "epochs", "batch_size", "calibrate_bs"):
+            if not isinstance(merged[key], int) or merged[key] < (0 if key == "epochs" else 1):
+                raise ValueError(f"QLLM option {key} must be a positive integer, got {merged[key]!r}")
+        super().__init__(quant, **merged)
+        self.opt = merged
+
+    # -- structure -----------------------------------------------------------------------------
+    def build_layer(self, index: int, layer: nn.Module, adapter: ModelAdapter) -> None:
+        super().build_layer(index, layer, adapter)
+        if not self.opt["reassembly"]:
+            return
+        for roles in SITES.values():
+            first = adapter.linear(layer, roles[0])
+            transform = ChannelReassembly(first.in_features, first.weight.dtype)
+            for role in roles:
+                adapter.linear(layer, role).input_transform = transform
+
+    # -- calibration ---------------------------------------------------------------------------
+    def calibrate_layer(self, layer: nn.Module, ctx: LayerContext | None) -> None:
+        if ctx is None:
+            raise ValueError("QLLM needs calibration data (a LayerContext)")
+        self.search_log: dict[str, dict] = {}
+        if self.opt["reassembly"]:
+            self.reassemble(layer, ctx)
+        if self.opt["error_correction"] and self.opt["epochs"] > 0:
+            self.correct_errors(layer, ctx)
+        for qlinear in quant_linears(layer).values():
+            qlinear.freeze_weight()
+
+    @torch.no_grad()
+    def reassemble(self, layer: nn.Module, ctx: LayerContext) -> None:
+        """Search, set and fold the reassembly of every site (statistics from the FP layer)."""
+        adapter = ctx.adapter
+        firsts = {site: adapter.linear(layer, roles[0]) for site, roles in SITES.items()}
+        with full_precision(layer):
+            absmax = input_channel_absmax(layer, ctx, firsts)
+            features = capture_inputs(layer, ctx, firsts, ctx.fp_inputs[: self.opt["calibrate_bs"]])
+        for site, roles in SITES.items():
+            linears = [adapter.linear(layer, role) for role in roles]
+            transform: ChannelReassembly = linears[0].input_transform
+            x = features[site].to(ctx.device)
+            with full_precision(layer):
+                reference = site_output(layer, site, x, ctx)
+
+            def objective(plan: ReassemblyPlan) -> float:
+                transform.set_plan(plan)
+                return F.mse_loss(site_output(layer, site, x, ctx), reference).item()
+
+            weight = torch.cat([lin.weight for lin in linears]).detach()
+            result = find_threshold(absmax[site], x.cpu(), weight.cpu(), objective,
+                                    self.opt["channel_ratio"], self.opt["max_candidates"])
+            transform.set_plan(result.plan)
+            fold_scale(layer, site, transform, adapter)
+            self.search_log[site] = {"theta": result.theta, "added": result.plan.num_added, "error": result.error,
+                                     "baseline_error": result.baseline_error, "evaluated": result.evaluated}
+
+    def correct_errors(self, layer: nn.Module, ctx: LayerContext) -> None:
+        """Train LoRA adapters on the frozen quantized layer against the FP outputs, then fuse them."""
+        generator = torch.Generator().manual_seed(self.opt["seed"] * 100003 + ctx.index)
+        qlinears = list(quant_linears(layer).values())
+        grad_flags = {p: p.requires_grad for p in layer.parameters()}
+        layer.requires_grad_(False)
+        deltas = [attach_low_rank(q, self.opt["rank"], generator) for q in qlinears]
+        params = [p for d in deltas for p in d.parameters()]
+        inputs = ctx.quant_inputs if ctx.quant_inputs is not None else ctx.fp_inputs
+        n, bs = inputs.shape[0], self.opt["batch_size"]
+        steps = self.opt["epochs"] * math.ceil(n / bs)
+        optimizer = torch.optim.AdamW(params, lr=self.opt["lr"], weight_decay=0.0)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1.0 - s / steps))
+        self.train_log = []
+        with torch.enable_grad():
+            for _ in range(self.opt["epochs"]):
+                order = torch.randperm(n, generator=generator)
+                total = 0.0
+                for start in range(0, n, bs):
+                    idx = order[start : start + bs]
+                    out = ctx.forward(layer, inputs[idx].to(ctx.device))
+                    loss = F.mse_loss(out, ctx.fp_outputs[idx].to(ctx.device))
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(f"QLLM error correction: non-finite loss in layer {ctx.index}")
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    schedule.step()
+                    total += loss.item() * idx.numel()
+                self.train_log.append(total / n)
+        for q in qlinears:
+            fuse_low_rank(q, self.opt["requantize"])
+        for p, flag in grad_flags.items():
+            p.requires_grad_(flag)
+
+
+@torch.no_grad()
+def capture_inputs(layer: nn.Module, ctx: LayerContext, modules: dict[str, nn.Module],
+                   inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The input tensors ``(n, tokens, C)`` of ``modules`` for ``inputs`` (kept on the CPU)."""
+    seen: dict[str, list] = {name: [] for name in modules}
+    handles = [m.register_forward_pre_hook(lambda _m, args, name=name: seen[name].append(args[0].cpu()))
+               for name, m in modules.items()]
+    try:
+        for i in range(inputs.shape[0]):
+            ctx.forward(layer, inputs[i : i + 1].to(ctx.device))
+    finally:
+        for h in handles:
+            h.remove()
+    return {name: torch.cat(parts) for name, parts in seen.items()}
+
+
+def site_output(layer: nn.Module, site: str, x: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
+    """The sub-layer output QLLM's threshold search compares (official ``CRModule.compute_output``)."""
+    adapter = ctx.adapter
+    if site == "qkv":
+        return attention_core(layer, x, ctx)
+    if site == "gate_up":
+        mlp = get_path(layer, adapter.spec.gate_proj.rpartition(".")[0])  # the module holding act_fn
+        return mlp.act_fn(adapter.linear(layer, "gate_proj")(x)) * adapter.linear(layer, "up_proj")(x)
+    if site == "down":
+        return adapter.linear(layer, "down_proj")(x)
+    raise KeyError(f"unknown reassembly site {site!r}; expected one of {sorted(SITES)}")
+
+
+def attention_core(layer: nn.Module, x: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
+    """softmax(QKᵀ)V of the layer's attention for normed input ``x`` — the o_proj input."""
+    attention = ctx.adapter.attention(layer)
+    o_proj = ctx.adapter.linear(layer, "o_proj")
+    kwargs = {k: v for k, v in ctx.layer_kwargs.items() if k in ("position_embeddings", "attention_mask", "position_ids")}
+    outs = []
+
+    def grab(_module, args):
+        outs.append(args[0])
+        raise _Stop
+
+    handle = o_proj.register_forward_pre_hook(grab)
+    try:
+        for i in range(x.shape[0]):
+            try:
+                attention(hidden_states=x[i : i + 1], **kwargs)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    return torch.cat(outs)
+
+
+@torch.no_grad()
+def fold_scale(layer: nn.Module, site: str, transform: ChannelReassembly, adapter: ModelAdapter) -> None:
+    """Fold the ``1/T_c`` factors into the preceding RMSNorm (qkv, gate_up) or up_proj rows (down)."""
+    scale = transform.scale
+    if site == "qkv":
+        norm = adapter.input_norm(layer)
+        norm.weight.mul_(scale.to(norm.weight))
+    elif site == "gate_up":
+        norm = adapter.post_attention_norm(layer)
+        norm.weight.mul_(scale.to(norm.weight))
+    else:
+        up = adapter.linear(layer, "up_proj")
+        up.weight.mul_(scale.to(up.weight)[:, None])
+        if up.bias is not None:
+            up.bias.mul_(scale.to(up.bias))
+    transform.scale.fill_(1.0)

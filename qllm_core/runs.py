@@ -1,0 +1,103 @@
+"""Quantized run directories: quantize a model into one, resume it, load it back.
+
+Layout::
+
+    <run_dir>/run.json              # model spec, method + options, quant config, calibration, status
+    <run_dir>/layers/NNN.safetensors  # each decoder layer's state after quantization
+
+A run is rebuilt by loading the base model, re-applying the method's deterministic structure
+(``prepare_model`` + ``build_layer``) and loading each layer's saved state, so a reviewer can
+evaluate without recalibrating. The per-layer files double as the engine's resume checkpoints.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .data import calibration_windows, default_calibration_dataset
+from .engine import BlockwiseEngine, load_layer_state
+from .methods import QuantConfig, make_method
+from .models import LoadedModel, load_model
+
+RUN_FILE = "run.json"
+
+
+@dataclass(frozen=True)
+class CalibConfig:
+    dataset: str | None = None  # None: WikiText-2 train if available, else PTB train (offline)
+    nsamples: int = 128
+    seqlen: int = 2048
+    seed: int = 0
+    batch_size: int = 1
+
+
+def is_run_dir(path: str | Path) -> bool:
+    return (Path(path) / RUN_FILE).is_file()
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
+    tmp.replace(path)
+
+
+def quantize_to_run(
+    model_spec: str, method: str, quant: QuantConfig, run_dir: str | Path, calib: CalibConfig = CalibConfig(),
+    device: str = "cpu", data_dir=None, method_options: dict | None = None,
+) -> LoadedModel:
+    """Quantize ``model_spec`` with ``method`` into ``run_dir`` (resuming a partial run there)."""
+    run_dir = Path(run_dir)
+    qmethod = make_method(method, quant, **(method_options or {}))
+    loaded = load_model(model_spec)
+    calib_ids, calib_record = None, None
+    if qmethod.needs_calibration:
+        dataset = calib.dataset or default_calibration_dataset(data_dir)
+        calib = CalibConfig(dataset, calib.nsamples, calib.seqlen, calib.seed, calib.batch_size)
+        calib_ids = calibration_windows(loaded.tokenizer, dataset, calib.nsamples, calib.seqlen, calib.seed, data_dir)
+        calib_record = asdict(calib)
+    record = {"model": model_spec, "model_name": loaded.name, **qmethod.config(), "calibration": calib_record}
+    existing = run_dir / RUN_FILE
+    if existing.is_file():
+        previous = json.loads(existing.read_text())
+        same = {k: previous.get(k) for k in record} == record
+        if not same:
+            raise ValueError(f"{run_dir} holds a different run ({previous.get('method')}, {previous.get('quant')}); "
+                             "use another directory or delete it")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _write_json(existing, {**record, "status": "running"})
+    on_gpu = torch.device(device).type == "cuda"
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats()
+    start = time.time()
+    BlockwiseEngine(loaded.model, loaded.adapter, device, run_dir / "layers", calib.batch_size).run(qmethod, calib_ids)
+    stats = {"calib_seconds": round(time.time() - start, 2), "device": str(device)}
+    if on_gpu:
+        stats["peak_gpu_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+    _write_json(existing, {**record, "status": "complete", "stats": stats})
+    return loaded
+
+
+def read_run(run_dir: str | Path) -> dict:
+    path = Path(run_dir) / RUN_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"not a run directory (no {RUN_FILE}): {run_dir}")
+    return json.loads(path.read_text())
+
+
+def load_run(run_dir: str | Path) -> tuple[LoadedModel, dict]:
+    """Rebuild a quantized model from a complete run directory."""
+    run_dir = Path(run_dir)
+    record = read_run(run_dir)
+    if record.get("status") != "complete":
+        raise ValueError(f"run {run_dir} is not complete (status {record.get('status')!r}); re-run quantize to resume")
+    qmethod = make_method(record["method"], QuantConfig(**record["quant"]), **record["options"])
+    loaded = load_model(record["model"])
+    qmethod.prepare_model(loaded.model, loaded.adapter)
+    for index, layer in enumerate(loaded.adapter.layers):
+        qmethod.build_layer(index, layer, loaded.adapter)
+        load_layer_state(layer, run_dir / "layers" / f"{index:03d}.safetensors")
+    return loaded, record

@@ -1,0 +1,111 @@
+"""Block-wise engine: layer-by-layer equals the full forward; FP pass-through is exact; resume."""
+import pytest
+import torch
+
+from qllm_core.engine import BlockwiseEngine, capture_layer0_inputs, run_layer_batched
+from qllm_core.methods import QuantConfig, make_method
+from qllm_core.methods.base import QuantMethod, quant_linears
+from qllm_core.quant import QuantLinear
+
+
+def _last_layer_output(model, adapter, ids):
+    box = {}
+    handle = adapter.layers[-1].register_forward_hook(lambda m, a, out: box.update(out=out[0] if isinstance(out, tuple) else out))
+    with torch.no_grad():
+        model(ids)
+    handle.remove()
+    return box["out"]
+
+
+def test_layer_by_layer_equals_full_forward(tiny_llama):
+    model, adapter = tiny_llama(layers=3)
+    ids = torch.randint(0, 128, (3, 24))
+    stream = capture_layer0_inputs(model, adapter, ids, torch.device("cpu"), batch_size=2)
+    hidden = stream.hidden
+    for layer in adapter.layers:
+        hidden = run_layer_batched(layer, hidden, stream.kwargs, "cpu", batch_size=2)
+    torch.testing.assert_close(hidden, _last_layer_output(model, adapter, ids), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+def test_bits16_passthrough_is_exact(family):
+    from transformers import AutoConfig, AutoModelForCausalLM
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(family, vocab_size=96, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    from qllm_core.adapters import ModelAdapter
+    adapter = ModelAdapter(model)
+    ids = torch.randint(0, 96, (2, 16))
+    with torch.no_grad():
+        before = model(ids).logits
+    BlockwiseEngine(model, adapter).run(make_method("rtn", QuantConfig()))
+    assert all(isinstance(m, QuantLinear) for m in adapter.linears(adapter.layers[0]).values())
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, before)
+
+
+def test_rtn_w4a4kv4_changes_outputs_and_quantizes_weights(tiny_llama):
+    model, adapter = tiny_llama()
+    ids = torch.randint(0, 128, (1, 16))
+    with torch.no_grad():
+        before = model(ids).logits
+    BlockwiseEngine(model, adapter).run(make_method("rtn", QuantConfig(4, 4, 4)))
+    q = adapter.linear(adapter.layers[0], "q_proj")
+    assert bool(q.weight_frozen)
+    assert max(torch.unique(row).numel() for row in q.weight) <= 16
+    with torch.no_grad():
+        after = model(ids).logits
+    assert not torch.allclose(after, before, atol=1e-3)
+
+
+class _RecordingMethod(QuantMethod):
+    """Calibrating test method: clip ratio learned from the quantized stream, so results depend
+    on every earlier layer (a wrong resume would change them)."""
+    name = "recording"
+    needs_calibration = True
+    tracks_quant_inputs = True
+    fail_at: int | None = None
+
+    def build_layer(self, index, layer, adapter):
+        super().build_layer(index, layer, adapter)
+        layer.register_buffer("seen_mean", torch.zeros(()))
+
+    def calibrate_layer(self, layer, ctx):
+        if ctx.index == self.fail_at:
+            raise RuntimeError("simulated crash")
+        layer.seen_mean.fill_(ctx.quant_inputs.mean())
+        super().calibrate_layer(layer, ctx)
+
+
+def test_resume_after_crash_matches_single_run(tiny_llama, tmp_path):
+    ids = torch.randint(0, 128, (2, 16))
+    quant = QuantConfig(4, 8)
+
+    def run(layer_dir, fail_at=None):
+        model, adapter = tiny_llama(layers=4)
+        method = _RecordingMethod(quant)
+        method.fail_at = fail_at
+        BlockwiseEngine(model, adapter, layer_dir=layer_dir).run(method, ids)
+        return model, adapter
+
+    single, _ = run(tmp_path / "single")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(tmp_path / "resumed", fail_at=2)
+    assert sorted(p.name for p in (tmp_path / "resumed").iterdir()) == ["000.safetensors", "001.safetensors"]
+    resumed, adapter = run(tmp_path / "resumed")
+    for a, b in zip(single.state_dict().items(), resumed.state_dict().items()):
+        assert a[0] == b[0] and torch.equal(a[1], b[1]), a[0]
+    assert float(adapter.layers[3].seen_mean) != 0.0
+
+
+def test_calibrating_method_without_data_is_rejected(tiny_llama):
+    model, adapter = tiny_llama()
+    with pytest.raises(ValueError, match="needs calibration data"):
+        BlockwiseEngine(model, adapter).run(_RecordingMethod(QuantConfig()))
+
+
+def test_quant_linears_lists_all_projections(tiny_llama):
+    model, adapter = tiny_llama()
+    BlockwiseEngine(model, adapter).run(make_method("rtn", QuantConfig(w_bits=8)))
+    assert len(quant_linears(adapter.layers[1])) == 7

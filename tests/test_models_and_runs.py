@@ -1,0 +1,55 @@
+"""Model loading, family adapters, and quantized run directories (save, reload, resume guard)."""
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from qllm_core.adapters import ModelAdapter, UnsupportedModelError
+from qllm_core.methods import QuantConfig, make_method
+from qllm_core.models import ModelNotFoundError, load_model
+from qllm_core.runs import CalibConfig, load_run, quantize_to_run
+
+
+def test_unknown_family_is_named():
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
+    with pytest.raises(UnsupportedModelError, match="'gpt2'"):
+        ModelAdapter(model)
+
+
+def test_adapter_reports_gqa_shapes(tiny_llama):
+    _, adapter = tiny_llama(hidden=64, heads=4, kv_heads=2)
+    assert (adapter.num_heads, adapter.num_kv_heads, adapter.head_dim) == (4, 2, 16)
+    assert adapter.linear(adapter.layers[0], "k_proj").out_features == 32
+    with pytest.raises(KeyError, match="unknown linear role"):
+        adapter.linear(adapter.layers[0], "qkv_proj")
+
+
+def test_missing_model_paths_raise_clear_errors(tmp_path):
+    with pytest.raises(ModelNotFoundError, match="not found"):
+        load_model(str(tmp_path / "nope.gguf"))
+    with pytest.raises(ModelNotFoundError, match="no config.json"):
+        load_model(str(tmp_path))
+
+
+def test_unknown_method_and_bits():
+    with pytest.raises(ValueError, match="unknown method 'nope'"):
+        make_method("nope", QuantConfig())
+    with pytest.raises(ValueError, match="w_bits"):
+        QuantConfig(w_bits=1)
+
+
+def test_run_directory_round_trip(tiny_model_dir, tmp_path):
+    quant = QuantConfig(4, 4, 4)
+    loaded = quantize_to_run(str(tiny_model_dir), "rtn", quant, tmp_path / "run")
+    ids = torch.randint(0, 1000, (1, 32))
+    with torch.no_grad():
+        expected = loaded.model(ids).logits
+        reloaded, record = load_run(tmp_path / "run")
+        assert record["status"] == "complete" and record["quant"]["w_bits"] == 4
+        assert torch.equal(reloaded.model(ids).logits, expected)
+    with pytest.raises(ValueError, match="holds a different run"):
+        quantize_to_run(str(tiny_model_dir), "rtn", QuantConfig(8, 8), tmp_path / "run", CalibConfig())
+
+
+def test_embedded_model_is_llama(embedded):
+    assert embedded.adapter.family == "llama" and len(embedded.adapter.layers) == 30
+    assert embedded.adapter.num_kv_heads == 3 and embedded.name == "SmolLM2-135M-Instruct"

@@ -1,0 +1,54 @@
+"""Perplexity protocol, the CLI's JSON contract, and a papermill run of the notebook."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pandas as pd
+import torch
+
+from eval.perplexity import window_losses
+from eval.reproduce import list_notebooks, run_notebook
+from tests.conftest import REPO, make_tiny_llama
+
+
+def test_window_losses_match_hf_loss():
+    model = make_tiny_llama()
+    windows = torch.randint(0, 128, (3, 40))
+    ours = window_losses(model, windows, batch_size=2, progress=False)
+    with torch.no_grad():
+        ref = torch.stack([model(w[None], labels=w[None]).loss for w in windows]).double()
+    torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-6)
+
+
+def _cli(*args, env_data_dir):
+    env = {**os.environ, "QLLM_DATA_DIR": str(env_data_dir), "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "eval", *args], cwd=REPO, env=env, capture_output=True, text=True)
+
+
+def test_cli_ppl_json_last_line(tiny_model_dir, data_dir):
+    out = _cli("ppl", "--model", str(tiny_model_dir), "--dataset", "wikitext2", "--max-windows", "2", "--json",
+               env_data_dir=data_dir)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["windows"] == 2 and math.isfinite(result["ppl"]) and result["ppl"] > 1
+
+
+def test_cli_rejects_bad_bits(tmp_path, data_dir):
+    out = _cli("quantize", "--model", "embedded", "--method", "rtn", "--w-bits", "9", "--out", str(tmp_path),
+               env_data_dir=data_dir)
+    assert out.returncode != 0 and "w_bits must be an integer in 2..8" in out.stderr
+
+
+def test_perplexity_notebook_runs_with_papermill(tiny_model_dir, data_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("QLLM_DATA_DIR", str(data_dir))
+    reports = tmp_path / "reports"
+    params = {"profile": "smoke", "model": str(tiny_model_dir), "method": "rtn", "w_bits": 4, "a_bits": 4,
+              "kv_bits": 4, "datasets": ["wikitext2"], "max_windows": 1, "run_root": str(tmp_path / "runs"),
+              "reports_dir": str(reports)}
+    html = run_notebook(list_notebooks(["perplexity"])[0], params, reports)
+    assert html.is_file() and "Perplexity of quantized models" in html.read_text()
+    table = pd.read_csv(reports / "tables" / "perplexity.csv")
+    assert sorted(table["method"]) == ["fp", "rtn"] and (table["windows"] == 1).all()
+    assert table.loc[table.method == "rtn", "ppl"].item() != table.loc[table.method == "fp", "ppl"].item()
