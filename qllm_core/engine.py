@@ -2,8 +2,9 @@
 
 The standard recipe of GPTQ, OmniQuant, QLLM and FlatQuant: capture the inputs of decoder layer 0
 for N calibration windows, then walk the layers one at a time. Only the layer being processed is
-on the accelerator; the rest of the model and the activations stay on the CPU, which is what lets
-a 70B model calibrate on one GPU. Each layer gets its full-precision inputs and outputs (and,
+on the accelerator; the rest of the model stays on the CPU, which is what lets a 70B model
+calibrate on one GPU; the activations join the layer on the accelerator when they fit
+(:func:`activation_storage`). Each layer gets its full-precision inputs and outputs (and,
 for methods that want them, the inputs produced by the already-quantized layers before it), the
 method mutates the layer in place, and the result is saved to ``<run_dir>/layers/NNN.safetensors``
 before moving on. An interrupted run resumes: saved layers are rebuilt and reloaded, and only the
@@ -122,6 +123,18 @@ def run_layer_batched(layer: nn.Module, hidden: torch.Tensor, kwargs: dict, devi
     return torch.cat(outs)
 
 
+def activation_storage(device: torch.device, need_bytes: int, free_bytes: int | None) -> torch.device:
+    """Where the calibration activations live while the engine walks the layers.
+
+    On the accelerator when they take under half of its free memory (no host round trip per batch;
+    the official QLLM/OmniQuant/FlatQuant code keeps them on the GPU too), otherwise on the CPU,
+    which is what lets a 70B model calibrate on one GPU.
+    """
+    if device.type == "cpu" or free_bytes is None or need_bytes >= free_bytes // 2:
+        return torch.device("cpu")
+    return device
+
+
 class BlockwiseEngine:
     """Walk a model's decoder layers one at a time, applying a :class:`LayerMethod`.
 
@@ -143,6 +156,13 @@ class BlockwiseEngine:
     def checkpoint_path(self, index: int) -> Path | None:
         return None if self.layer_dir is None else self.layer_dir / f"{index:03d}.safetensors"
 
+    def _storage_for(self, calibration_ids: torch.Tensor, copies: int) -> torch.device:
+        """:func:`activation_storage` for ``copies`` activation tensors of these calibration windows."""
+        itemsize = next(self.model.parameters()).dtype.itemsize
+        need = copies * calibration_ids.numel() * self.adapter.hidden_size * itemsize
+        free = torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else None
+        return activation_storage(self.device, need, free)
+
     def run(self, method: LayerMethod, calibration_ids: torch.Tensor | None = None) -> None:
         """Quantize every decoder layer with ``method`` (in place)."""
         method.prepare_model(self.model, self.adapter)
@@ -150,7 +170,9 @@ class BlockwiseEngine:
             raise ValueError(f"method {method.name!r} needs calibration data")
         stream = None
         if method.needs_calibration:
-            stream = capture_layer0_inputs(self.model, self.adapter, calibration_ids, self.device, self.batch_size)
+            storage = self._storage_for(calibration_ids, copies=3 if method.tracks_quant_inputs else 2)
+            stream = capture_layer0_inputs(self.model, self.adapter, calibration_ids, self.device, self.batch_size,
+                                           storage)
         fp_inputs = stream.hidden if stream else None
         quant_inputs = fp_inputs if (stream and method.tracks_quant_inputs) else None
         kwargs = _move(stream.kwargs, self.device) if stream else {}

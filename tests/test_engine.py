@@ -109,3 +109,12 @@ def test_quant_linears_lists_all_projections(tiny_llama):
     model, adapter = tiny_llama()
     BlockwiseEngine(model, adapter).run(make_method("rtn", QuantConfig(w_bits=8)))
     assert len(quant_linears(adapter.layers[1])) == 7
+
+
+def test_activation_storage_uses_the_accelerator_only_when_activations_fit():
+    from qllm_core.engine import activation_storage
+
+    gpu = torch.device("cuda", 0)
+    assert activation_storage(gpu, need_bytes=10, free_bytes=100) == gpu
+    assert activation_storage(gpu, need_bytes=60, free_bytes=100).type == "cpu"  # over half the free memory
+    assert activation_storage(torch.device("cpu"), need_bytes=1, free_bytes=None).type == "cpu"

@@ -34,10 +34,12 @@ calibration) and raises.
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.nn.utils import parametrize
 
 from ..adapters import ModelAdapter
 from ..algorithms.gptq import gptq_quantize_layer
@@ -258,22 +260,25 @@ class FlatQuantMethod(QuantMethod):
         amp_dtype = AMP_DTYPES[s["amp_dtype"]]
         scaler = torch.amp.GradScaler("cuda", enabled=cuda and amp_dtype == torch.float16)
         for epoch in range(s["epochs"]):
-            epoch_loss = 0.0
+            losses = []  # kept on the device: one host sync per epoch, not per step
             for step in range(steps_per_epoch):
                 sl = slice(step * bsz, (step + 1) * bsz)
                 x, target = ctx.fp_inputs[sl].to(ctx.device), ctx.fp_outputs[sl].to(ctx.device)
-                with torch.autocast(ctx.device.type, dtype=amp_dtype, enabled=cuda):
-                    out = ctx.forward(layer, x)
-                loss = F.mse_loss(out.float(), target.float())
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"FlatQuant layer {ctx.index}: non-finite loss at epoch {epoch}")
-                epoch_loss += loss.item()
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss / loss.detach().clamp(min=1e-30)).backward()
+                # cached(): each Cayley factor is computed once per step, not once per use (x ~5 fewer solves)
+                with parametrize.cached():
+                    with torch.autocast(ctx.device.type, dtype=amp_dtype, enabled=cuda):
+                        out = ctx.forward(layer, x)
+                    loss = F.mse_loss(out.float(), target.float())
+                    optimizer.zero_grad(set_to_none=True)
+                    scaler.scale(loss / loss.detach().clamp(min=1e-30)).backward()
+                losses.append(loss.detach())
                 scaler.step(optimizer)
                 scaler.update()
                 scheduler.step()
-            log.info("flatquant layer %d epoch %d: mse %.3e", ctx.index, epoch, epoch_loss / steps_per_epoch)
+            epoch_loss = torch.stack(losses).mean().item()
+            if not math.isfinite(epoch_loss):
+                raise FloatingPointError(f"FlatQuant layer {ctx.index}: non-finite loss in epoch {epoch}")
+            log.info("flatquant layer %d epoch %d: mse %.3e", ctx.index, epoch, epoch_loss)
         for p in trans.parameters():
             p.requires_grad_(False)
         for p in clips:
