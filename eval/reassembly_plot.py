@@ -13,11 +13,13 @@ from dataclasses import dataclass
 
 import torch
 
+from qllm_core.calib_stats import capture_inputs
 from qllm_core.data import calibration_windows
 from qllm_core.engine import LayerContext, capture_layer0_inputs, run_layer_batched
 from qllm_core.methods import QuantConfig, make_method
-from qllm_core.methods.qllm import SITES, capture_inputs, full_precision
+from qllm_core.methods.qllm import SITES
 from qllm_core.models import load_model
+from qllm_core.quant import quantizers_off
 
 
 @dataclass
@@ -58,7 +60,7 @@ def reassembly_magnitudes(model_spec: str = "embedded", layer_index: int = 0, si
     method.build_layer(layer_index, layer, adapter)
     method.calibrate_layer(layer, _context(layer_index, hidden, fp_outputs, kwargs, adapter))
     qlinear = adapter.linear(layer, SITES[site][0])
-    with full_precision(layer):
+    with quantizers_off(layer):
         after = capture_inputs(layer, _context(layer_index, hidden, fp_outputs, kwargs, adapter),
                                {site: qlinear.act_quantizer}, hidden)[site]
     absmax = lambda t: t.abs().reshape(-1, t.shape[-1]).amax(dim=0).float()  # noqa: E731

@@ -2,9 +2,12 @@
 
 SmoothQuant's migration scales, FlatQuant's ``add_diag`` initialisation and QLLM's outlier
 thresholds all start from the per-channel maximum magnitude of a linear layer's *input* over the
-calibration tokens; this module computes it once with forward hooks.
+calibration tokens; QLLM's pair scores also need the inputs themselves. Both come from running
+the layer window by window with forward pre-hooks on the linears of interest.
 """
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -13,26 +16,39 @@ from .engine import LayerContext
 
 
 @torch.no_grad()
-def input_channel_absmax(layer: nn.Module, ctx: LayerContext, modules: dict[str, nn.Module],
-                         inputs: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """Per-channel max |x| of each module's input over all calibration tokens (float32, CPU).
-
-    ``inputs`` defaults to the FP inputs of the layer (``ctx.fp_inputs``).
-    """
-    inputs = ctx.fp_inputs if inputs is None else inputs
-    stats: dict[str, torch.Tensor] = {}
-
-    def make_hook(name):
-        def hook(_module, args):
-            x = args[0].detach().abs().reshape(-1, args[0].shape[-1]).amax(dim=0).float().cpu()
-            stats[name] = x if name not in stats else torch.maximum(stats[name], x)
-        return hook
-
-    handles = [m.register_forward_pre_hook(make_hook(name)) for name, m in modules.items()]
+def observe_inputs(layer: nn.Module, ctx: LayerContext, modules: dict[str, nn.Module], inputs: torch.Tensor,
+                   observe: Callable[[str, torch.Tensor], None]) -> None:
+    """Run ``layer`` on ``inputs`` one window at a time, calling ``observe(name, x)`` with the input
+    ``x`` of every module in ``modules`` (keyed by name)."""
+    handles = [m.register_forward_pre_hook(lambda _m, args, name=name: observe(name, args[0].detach()))
+               for name, m in modules.items()]
     try:
         for i in range(inputs.shape[0]):
             ctx.forward(layer, inputs[i : i + 1].to(ctx.device))
     finally:
         for h in handles:
             h.remove()
+
+
+def input_channel_absmax(layer: nn.Module, ctx: LayerContext, modules: dict[str, nn.Module],
+                         inputs: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Per-channel max |x| of each module's input over all calibration tokens (float32, CPU).
+
+    ``inputs`` defaults to the FP inputs of the layer (``ctx.fp_inputs``).
+    """
+    stats: dict[str, torch.Tensor] = {}
+
+    def update(name: str, x: torch.Tensor) -> None:
+        channel_max = x.abs().reshape(-1, x.shape[-1]).amax(dim=0).float().cpu()
+        stats[name] = channel_max if name not in stats else torch.maximum(stats[name], channel_max)
+
+    observe_inputs(layer, ctx, modules, ctx.fp_inputs if inputs is None else inputs, update)
     return stats
+
+
+def capture_inputs(layer: nn.Module, ctx: LayerContext, modules: dict[str, nn.Module],
+                   inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The input tensors ``(n, tokens, C)`` of ``modules`` for ``inputs`` (kept on the CPU)."""
+    seen: dict[str, list] = {name: [] for name in modules}
+    observe_inputs(layer, ctx, modules, inputs, lambda name, x: seen[name].append(x.cpu()))
+    return {name: torch.cat(parts) for name, parts in seen.items()}

@@ -9,7 +9,7 @@ from qllm_core.algorithms.gptq import HessianAccumulator, gptq_quantize_weight
 from qllm_core.algorithms.hadamard import (HadamardSizeError, apply_kronecker, hadamard_factors,
                                            hadamard_kronecker_factors, hadamard_matrix, random_hadamard)
 from qllm_core.algorithms.rotation import HadamardQKHook
-from qllm_core.algorithms.smoothing import quantizers_off
+from qllm_core.quant import quantizers_off
 from qllm_core.attention import set_attention_hook
 from qllm_core.calib_stats import input_channel_absmax
 from qllm_core.engine import BlockwiseEngine, LayerContext, capture_layer0_inputs, load_layer_state

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from qllm_core.adapters import ModelAdapter
-from qllm_core.algorithms.smoothing import quantizers_off
+from qllm_core.quant import quantizers_off
 from qllm_core.engine import BlockwiseEngine
 from qllm_core.methods import QuantConfig, make_method
 from qllm_core.transforms import KroneckerTransform, LearnableFactor, LearnableKronecker, kron_apply

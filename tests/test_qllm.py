@@ -167,7 +167,7 @@ def test_qllm_layers_beat_rtn_on_calibration_error(tiny_llama):
 
 
 def test_bad_options_are_refused():
-    with pytest.raises(ValueError, match="unknown QLLM options"):
+    with pytest.raises(ValueError, match="unknown QLLM option"):
         make_method("qllm", W4A4, ranks=4)
     with pytest.raises(ValueError, match="num_layer"):
         make_method("qllm", W4A4, num_layer=4)

@@ -1,4 +1,4 @@
-"""SmoothQuant's migration scales (Xiao et al., ICML 2023, eq. 4) and a full-precision switch.
+"""SmoothQuant's migration scales (Xiao et al., ICML 2023, eq. 4).
 
 Dividing input channel j of the activation by s_j and multiplying weight column j by s_j is exact
 in FP; s_j = max|X_j|^α / max|W_:,j|^(1-α) moves quantization difficulty from activations to
@@ -6,12 +6,7 @@ weights (α = 0.5 is the paper's default for most models).
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
-from torch import nn
-
-from ..quant import OFF_BITS, Quantizer
 
 _MIN = 1e-5  # SmoothQuant's clamp on both maxima (avoids 0^x and division by zero)
 
@@ -31,17 +26,3 @@ def smoothing_scales(act_absmax: torch.Tensor, weight_absmax: torch.Tensor, alph
 def weight_column_absmax(weights: list[torch.Tensor]) -> torch.Tensor:
     """max over the rows of several (out_i, in) weights of |W[:, j]| (float64)."""
     return torch.stack([w.detach().abs().amax(dim=0).double() for w in weights]).amax(dim=0)
-
-
-@contextlib.contextmanager
-def quantizers_off(module: nn.Module):
-    """Temporarily pass every :class:`Quantizer` inside ``module`` through (FP statistics)."""
-    quantizers = [m for m in module.modules() if isinstance(m, Quantizer)]
-    saved = [q.bits for q in quantizers]
-    for q in quantizers:
-        q.bits = OFF_BITS
-    try:
-        yield
-    finally:
-        for q, bits in zip(quantizers, saved):
-            q.bits = bits

@@ -65,6 +65,14 @@ class QuantConfig:
         return asdict(self)
 
 
+def resolve_options(method: str, defaults: dict, options: dict) -> dict:
+    """``defaults`` updated by ``options``; an unknown name raises, so a typo never runs the default."""
+    unknown = set(options) - set(defaults)
+    if unknown:
+        raise ValueError(f"unknown {method} option(s) {sorted(unknown)}; known: {sorted(defaults)}")
+    return {**defaults, **options}
+
+
 def quant_linears(layer: nn.Module) -> dict[str, QuantLinear]:
     return {name: m for name, m in layer.named_modules() if isinstance(m, QuantLinear)}
 

@@ -43,14 +43,14 @@ from torch.nn.utils import parametrize
 
 from ..adapters import ModelAdapter
 from ..algorithms.gptq import gptq_quantize_layer
-from ..algorithms.smoothing import quantizers_off, smoothing_scales, weight_column_absmax
+from ..algorithms.smoothing import smoothing_scales, weight_column_absmax
 from ..attention import enable_attention_hooks, set_attention_hook
 from ..calib_stats import input_channel_absmax
 from ..engine import LayerContext
-from ..quant import OFF_BITS, QuantLinear, Quantizer
+from ..quant import OFF_BITS, QuantLinear, Quantizer, quantizers_off
 from ..transforms.kronecker import KroneckerTransform, factor_sizes, inverse_transpose
 from ..transforms.learnable import HeadOutputTransform, LearnableFactor, LearnableKronecker
-from .base import QuantMethod, quant_linears
+from .base import QuantMethod, quant_linears, resolve_options
 
 log = logging.getLogger(__name__)
 
@@ -145,11 +145,8 @@ class FlatQuantMethod(QuantMethod):
     tracks_quant_inputs = False
 
     def __init__(self, quant, **options):
-        unknown = set(options) - set(DEFAULTS)
-        if unknown:
-            raise ValueError(f"unknown FlatQuant option(s) {sorted(unknown)}; known: {sorted(DEFAULTS)}")
+        self.settings = resolve_options("FlatQuant", DEFAULTS, options)
         super().__init__(quant, **options)
-        self.settings = {**DEFAULTS, **options}
         if self.settings["weight_quantizer"] not in ("rtn", "gptq"):
             raise ValueError(f"weight_quantizer must be 'rtn' or 'gptq', got {self.settings['weight_quantizer']!r}")
         if self.settings["amp_dtype"] not in AMP_DTYPES:

@@ -34,7 +34,6 @@ and is not done. (e) The search also evaluates "no reassembly" (see :mod:`qllm_c
 """
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
@@ -43,11 +42,11 @@ from torch.nn import functional as F
 from torch.nn.utils import parametrize
 
 from ..adapters import ModelAdapter, get_path
-from ..calib_stats import input_channel_absmax
+from ..calib_stats import capture_inputs, input_channel_absmax
 from ..engine import LayerContext
-from ..quant import OFF_BITS, QuantLinear, Quantizer
+from ..quant import QuantLinear, quantizers_off
 from ..reassembly import ChannelReassembly, ReassemblyPlan, find_threshold
-from .base import QuantMethod, quant_linears
+from .base import QuantMethod, quant_linears, resolve_options
 
 # Reassembly sites: the linears reading one input tensor (adapters.INPUT_GROUPS), o_proj excluded.
 SITES: dict[str, tuple[str, ...]] = {
@@ -74,20 +73,6 @@ DEFAULT_OPTIONS = {
 
 class _Stop(Exception):
     """Raised by a capture hook to end a forward pass early."""
-
-
-@contextlib.contextmanager
-def full_precision(layer: nn.Module):
-    """Temporarily switch off every fake quantizer in ``layer`` (FP reference passes)."""
-    quantizers = [m for m in layer.modules() if isinstance(m, Quantizer)]
-    saved = [q.bits for q in quantizers]
-    for q in quantizers:
-        q.bits = OFF_BITS
-    try:
-        yield
-    finally:
-        for q, bits in zip(quantizers, saved):
-            q.bits = bits
 
 
 class LowRankDelta(nn.Module):
@@ -131,10 +116,7 @@ class QLLMMethod(QuantMethod):
     tracks_quant_inputs = True
 
     def __init__(self, quant, **options):
-        unknown = set(options) - set(DEFAULT_OPTIONS)
-        if unknown:
-            raise ValueError(f"unknown QLLM options {sorted(unknown)}; known: {sorted(DEFAULT_OPTIONS)}")
-        merged = {**DEFAULT_OPTIONS, **options}
+        merged = resolve_options("QLLM", DEFAULT_OPTIONS, options)
         if merged["num_layer"] != 1:
             raise ValueError("QLLM num_layer must be 1 here: the block-wise engine calibrates one decoder layer "
                              "at a time (the paper's 4-layer groups need an engine extension)")
@@ -172,14 +154,14 @@ class QLLMMethod(QuantMethod):
         """Search, set and fold the reassembly of every site (statistics from the FP layer)."""
         adapter = ctx.adapter
         firsts = {site: adapter.linear(layer, roles[0]) for site, roles in SITES.items()}
-        with full_precision(layer):
+        with quantizers_off(layer):
             absmax = input_channel_absmax(layer, ctx, firsts)
             features = capture_inputs(layer, ctx, firsts, ctx.fp_inputs[: self.opt["calibrate_bs"]])
         for site, roles in SITES.items():
             linears = [adapter.linear(layer, role) for role in roles]
             transform: ChannelReassembly = linears[0].input_transform
             x = features[site].to(ctx.device)
-            with full_precision(layer):
+            with quantizers_off(layer):
                 reference = site_output(layer, site, x, ctx)
 
             def objective(plan: ReassemblyPlan) -> float:
@@ -228,22 +210,6 @@ class QLLMMethod(QuantMethod):
             fuse_low_rank(q, self.opt["requantize"])
         for p, flag in grad_flags.items():
             p.requires_grad_(flag)
-
-
-@torch.no_grad()
-def capture_inputs(layer: nn.Module, ctx: LayerContext, modules: dict[str, nn.Module],
-                   inputs: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The input tensors ``(n, tokens, C)`` of ``modules`` for ``inputs`` (kept on the CPU)."""
-    seen: dict[str, list] = {name: [] for name in modules}
-    handles = [m.register_forward_pre_hook(lambda _m, args, name=name: seen[name].append(args[0].cpu()))
-               for name, m in modules.items()]
-    try:
-        for i in range(inputs.shape[0]):
-            ctx.forward(layer, inputs[i : i + 1].to(ctx.device))
-    finally:
-        for h in handles:
-            h.remove()
-    return {name: torch.cat(parts) for name, parts in seen.items()}
 
 
 def site_output(layer: nn.Module, site: str, x: torch.Tensor, ctx: LayerContext) -> torch.Tensor:

@@ -21,9 +21,10 @@ import torch
 from torch import nn
 
 from ..adapters import ModelAdapter
-from ..algorithms.smoothing import quantizers_off, smoothing_scales, weight_column_absmax
+from ..algorithms.smoothing import smoothing_scales, weight_column_absmax
 from ..calib_stats import input_channel_absmax
 from ..engine import LayerContext
+from ..quant import quantizers_off
 from .base import QuantConfig, QuantMethod
 
 SITES = ("qkv", "gate_up", "down", "o")

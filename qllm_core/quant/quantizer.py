@@ -16,6 +16,8 @@ groups exact instead of dividing by a zero range.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -166,3 +168,17 @@ class Quantizer(nn.Module):
         group = f", group={self.group_size}" if self.group_size else ""
         learn = ", learnable_clip" if self.clip_max_logit is not None else ""
         return f"bits={self.bits}, {kind}{group}, clip={self.clip_ratio}{learn}"
+
+
+@contextlib.contextmanager
+def quantizers_off(module: nn.Module):
+    """Temporarily pass every :class:`Quantizer` inside ``module`` through (FP statistics)."""
+    quantizers = [m for m in module.modules() if isinstance(m, Quantizer)]
+    saved = [q.bits for q in quantizers]
+    for q in quantizers:
+        q.bits = OFF_BITS
+    try:
+        yield
+    finally:
+        for q, bits in zip(quantizers, saved):
+            q.bits = bits
