@@ -7,7 +7,11 @@ calibrate on one GPU; the activations join the layer on the accelerator when the
 (:func:`activation_storage`). Each layer gets its full-precision inputs and outputs (and,
 for methods that want them, the inputs produced by the already-quantized layers before it), the
 method mutates the layer in place, and the result is saved to ``<run_dir>/layers/NNN.safetensors``
-before moving on. An interrupted run resumes: saved layers are rebuilt and reloaded, and only the
+before moving on. Methods that train several consecutive layers jointly (QLLM's error correction
+over ``num_layer`` = 4 layers) declare ``layers_per_group``: the engine calibrates each layer of a
+group, then hands the whole group (a :class:`LayerGroup`) to ``calibrate_group`` with the group's
+FP inputs and the FP outputs of its last layer, and saves the group's layers only after that step.
+An interrupted run resumes: saved layers are rebuilt and reloaded, and only the
 (cheap) forward passes needed to regenerate the next layer's inputs are repeated.
 """
 from __future__ import annotations
@@ -60,10 +64,25 @@ class LayerMethod(Protocol):
     name: str
     needs_calibration: bool  # False: no data needed (e.g. RTN)
     tracks_quant_inputs: bool  # True: also propagate inputs through the quantized layers
+    layers_per_group: int  # consecutive layers that calibrate_group trains jointly (1: per layer)
 
     def prepare_model(self, model: nn.Module, adapter: ModelAdapter) -> None: ...
     def build_layer(self, index: int, layer: nn.Module, adapter: ModelAdapter) -> None: ...
     def calibrate_layer(self, layer: nn.Module, ctx: LayerContext | None) -> None: ...
+    def calibrate_group(self, group: LayerGroup, ctx: LayerContext | None) -> None: ...
+
+
+class LayerGroup(nn.Module):
+    """Consecutive decoder layers run as one block (same call signature as a single layer)."""
+
+    def __init__(self, layers: list[nn.Module]):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+
+    def forward(self, hidden: torch.Tensor, **kwargs) -> torch.Tensor:
+        for layer in self.layers:
+            hidden = call_layer(layer, hidden, kwargs)
+        return hidden
 
 
 def call_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
@@ -156,6 +175,15 @@ class BlockwiseEngine:
     def checkpoint_path(self, index: int) -> Path | None:
         return None if self.layer_dir is None else self.layer_dir / f"{index:03d}.safetensors"
 
+    def _saved(self, index: int) -> bool:
+        path = self.checkpoint_path(index)
+        return path is not None and path.is_file()
+
+    def _context(self, index, fp_inputs, fp_outputs, quant_inputs, kwargs) -> LayerContext | None:
+        if fp_inputs is None:  # a method without calibration data
+            return None
+        return LayerContext(index, fp_inputs, fp_outputs, quant_inputs, kwargs, self.device, self.adapter)
+
     def _storage_for(self, calibration_ids: torch.Tensor, copies: int) -> torch.device:
         """:func:`activation_storage` for ``copies`` activation tensors of these calibration windows."""
         itemsize = next(self.model.parameters()).dtype.itemsize
@@ -168,32 +196,51 @@ class BlockwiseEngine:
         method.prepare_model(self.model, self.adapter)
         if method.needs_calibration and calibration_ids is None:
             raise ValueError(f"method {method.name!r} needs calibration data")
+        size = method.layers_per_group
+        if size < 1:
+            raise ValueError(f"layers_per_group must be >= 1, got {size}")
         stream = None
         if method.needs_calibration:
-            storage = self._storage_for(calibration_ids, copies=3 if method.tracks_quant_inputs else 2)
+            # FP in/out (+ quantized inputs); a group also keeps its own inputs until its joint step.
+            copies = (3 if method.tracks_quant_inputs else 2) * (2 if size > 1 else 1)
+            storage = self._storage_for(calibration_ids, copies)
             stream = capture_layer0_inputs(self.model, self.adapter, calibration_ids, self.device, self.batch_size,
                                            storage)
         fp_inputs = stream.hidden if stream else None
         quant_inputs = fp_inputs if (stream and method.tracks_quant_inputs) else None
         kwargs = _move(stream.kwargs, self.device) if stream else {}
-        for index, layer in enumerate(tqdm(self.adapter.layers, desc=f"{method.name} layers")):
-            layer.to(self.device)
-            fp_outputs = run_layer_batched(layer, fp_inputs, kwargs, self.device, self.batch_size) if stream else None
-            method.build_layer(index, layer, self.adapter)
-            layer.to(self.device)  # modules created by build_layer start on the CPU
-            saved = self.checkpoint_path(index)
-            if saved is not None and saved.is_file():
-                load_layer_state(layer, saved)
-            else:
-                ctx = None if stream is None else LayerContext(
-                    index, fp_inputs, fp_outputs, quant_inputs, kwargs, self.device, self.adapter)
-                method.calibrate_layer(layer, ctx)
-                if saved is not None:
-                    save_layer_state(layer, saved)
-            if quant_inputs is not None:
-                quant_inputs = run_layer_batched(layer, quant_inputs, kwargs, self.device, self.batch_size)
-            layer.to("cpu")
-            fp_inputs = fp_outputs
+        layers = list(self.adapter.layers)
+        progress = tqdm(total=len(layers), desc=f"{method.name} layers")
+        for first in range(0, len(layers), size):
+            indices = range(first, min(first + size, len(layers)))
+            # A group resumes only as a whole: its layers are saved after the joint step.
+            resume = all(self._saved(i) for i in indices)
+            group_fp_inputs, group_quant_inputs = fp_inputs, quant_inputs
+            for index in indices:
+                layer = layers[index]
+                layer.to(self.device)
+                fp_outputs = run_layer_batched(layer, fp_inputs, kwargs, self.device, self.batch_size) if stream else None
+                method.build_layer(index, layer, self.adapter)
+                layer.to(self.device)  # modules created by build_layer start on the CPU
+                if resume:
+                    load_layer_state(layer, self.checkpoint_path(index))
+                else:
+                    method.calibrate_layer(layer, self._context(index, fp_inputs, fp_outputs, quant_inputs, kwargs))
+                if quant_inputs is not None and not resume and index != indices[-1]:  # next layer of the group
+                    quant_inputs = run_layer_batched(layer, quant_inputs, kwargs, self.device, self.batch_size)
+                fp_inputs = fp_outputs
+                progress.update()
+            group = LayerGroup([layers[i] for i in indices])
+            if not resume:
+                method.calibrate_group(group, self._context(first, group_fp_inputs, fp_inputs, group_quant_inputs,
+                                                            kwargs))
+                for index in indices:
+                    if self.checkpoint_path(index) is not None:
+                        save_layer_state(layers[index], self.checkpoint_path(index))
+            if quant_inputs is not None:  # through the group's final layers
+                quant_inputs = run_layer_batched(group, group_quant_inputs, kwargs, self.device, self.batch_size)
+            group.to("cpu")
+        progress.close()
         self.model.to("cpu")
 
 

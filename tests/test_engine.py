@@ -99,6 +99,52 @@ def test_resume_after_crash_matches_single_run(tiny_llama, tmp_path):
     assert float(adapter.layers[3].seen_mean) != 0.0
 
 
+class _PairMethod(_RecordingMethod):
+    """Joint step over pairs of layers: every member is stamped with its group's quantized-input mean."""
+    layers_per_group = 2
+
+    def __init__(self, quant):
+        super().__init__(quant)
+        self.groups, self.layer_io = [], {}
+
+    def build_layer(self, index, layer, adapter):
+        super().build_layer(index, layer, adapter)
+        layer.register_buffer("group_mean", torch.zeros(()))
+
+    def calibrate_layer(self, layer, ctx):
+        self.layer_io[ctx.index] = (ctx.fp_inputs, ctx.fp_outputs, ctx.quant_inputs)
+        super().calibrate_layer(layer, ctx)
+
+    def calibrate_group(self, group, ctx):
+        last = ctx.index + len(group.layers) - 1
+        assert ctx.fp_inputs is self.layer_io[ctx.index][0] and ctx.quant_inputs is self.layer_io[ctx.index][2]
+        assert ctx.fp_outputs is self.layer_io[last][1]  # the FP output of the group's last layer
+        self.groups.append((ctx.index, len(group.layers)))
+        for layer in group.layers:
+            layer.group_mean.fill_(ctx.quant_inputs.mean())
+
+
+def test_layer_groups_get_a_joint_step_and_resume_as_a_whole(tiny_llama, tmp_path):
+    ids = torch.randint(0, 128, (2, 16))
+
+    def run(layer_dir, fail_at=None):
+        model, adapter = tiny_llama(layers=5)
+        method = _PairMethod(QuantConfig(4, 8))
+        method.fail_at = fail_at
+        BlockwiseEngine(model, adapter, layer_dir=layer_dir).run(method, ids)
+        return model, method
+
+    single, method = run(tmp_path / "single")
+    assert method.groups == [(0, 2), (2, 2), (4, 1)]
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(tmp_path / "resumed", fail_at=3)  # inside the second group: none of it is saved
+    assert sorted(p.name for p in (tmp_path / "resumed").iterdir()) == ["000.safetensors", "001.safetensors"]
+    resumed, method = run(tmp_path / "resumed")
+    assert method.groups == [(2, 2), (4, 1)]  # the first group was loaded, not recalibrated
+    for a, b in zip(single.state_dict().items(), resumed.state_dict().items()):
+        assert a[0] == b[0] and torch.equal(a[1], b[1]), a[0]
+
+
 def test_calibrating_method_without_data_is_rejected(tiny_llama):
     model, adapter = tiny_llama()
     with pytest.raises(ValueError, match="needs calibration data"):

@@ -130,16 +130,18 @@ def run_engine(model, adapter, ids, layer_dir, **options):
     return method
 
 
-def test_error_correction_lowers_block_loss_and_resume_matches(tiny_llama, tmp_path):
-    model, adapter = tiny_llama()
+@pytest.mark.parametrize("num_layer", [1, 2])
+def test_error_correction_lowers_block_loss_and_resume_matches(tiny_llama, tmp_path, num_layer):
+    """Error correction over groups of ``num_layer`` layers; a run interrupted in the last group resumes."""
+    model, adapter = tiny_llama(layers=4)
     ids = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(0))
-    method = run_engine(model, adapter, ids, tmp_path / "full", epochs=4, lr=5e-3)
+    method = run_engine(model, adapter, ids, tmp_path / "full", epochs=4, lr=5e-3, num_layer=num_layer)
     assert method.train_log[-1] < method.train_log[0]
     assert set(method.search_log) == set(SITES)
     full = {i: {k: v.clone() for k, v in layer.state_dict().items()} for i, layer in enumerate(adapter.layers)}
-    (tmp_path / "full" / "001.safetensors").unlink()  # interrupted after layer 0
-    resumed_model, resumed_adapter = tiny_llama()
-    run_engine(resumed_model, resumed_adapter, ids, tmp_path / "full", epochs=4, lr=5e-3)
+    (tmp_path / "full" / "003.safetensors").unlink()  # interrupted while saving the last group
+    resumed_model, resumed_adapter = tiny_llama(layers=4)
+    run_engine(resumed_model, resumed_adapter, ids, tmp_path / "full", epochs=4, lr=5e-3, num_layer=num_layer)
     for i, layer in enumerate(resumed_adapter.layers):
         state = layer.state_dict()
         assert state.keys() == full[i].keys()
@@ -170,4 +172,4 @@ def test_bad_options_are_refused():
     with pytest.raises(ValueError, match="unknown QLLM option"):
         make_method("qllm", W4A4, ranks=4)
     with pytest.raises(ValueError, match="num_layer"):
-        make_method("qllm", W4A4, num_layer=4)
+        make_method("qllm", W4A4, num_layer=0)

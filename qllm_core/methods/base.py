@@ -15,7 +15,7 @@ from torch import nn
 
 from ..adapters import LINEAR_ROLES, ModelAdapter
 from ..attention import KVQuantHook, enable_attention_hooks, set_attention_hook
-from ..engine import LayerContext
+from ..engine import LayerContext, LayerGroup
 from ..quant import OFF_BITS, QuantLinear, Quantizer, check_bits
 
 
@@ -87,6 +87,7 @@ class QuantMethod:
     name: ClassVar[str] = "rtn"
     needs_calibration: ClassVar[bool] = False
     tracks_quant_inputs: ClassVar[bool] = False
+    layers_per_group: int = 1  # see calibrate_group
 
     def __init__(self, quant: QuantConfig, **options):
         self.quant = quant
@@ -111,3 +112,6 @@ class QuantMethod:
     def calibrate_layer(self, layer: nn.Module, ctx: LayerContext | None) -> None:
         for qlinear in quant_linears(layer).values():
             qlinear.freeze_weight()
+
+    def calibrate_group(self, group: LayerGroup, ctx: LayerContext | None) -> None:
+        """Joint step over ``layers_per_group`` calibrated layers (QLLM's error correction); none here."""

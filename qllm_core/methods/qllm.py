@@ -24,13 +24,15 @@ Per decoder layer (methods.md section 3; official ModelTC/QLLM ``quantize/qllm.p
    teacher on ``fp_inps``). Afterwards ``B A / rank`` is added to ``Q_w(W)`` and the sum is
    re-quantized with the same quantizer, so inference pays nothing.
 
-Deviations, stated: (a) the paper trains groups of ``num_layer = 4`` consecutive layers jointly;
-the block-wise engine hands a method one layer at a time, so ``num_layer = 1`` is implemented
-(other values are refused). (b) OmniQuant-style learnable weight clipping (LWC) is not trained —
+Error correction trains groups of ``num_layer`` (paper: 4) consecutive layers jointly: the engine
+reassembles each layer of a group (``calibrate_layer``), then hands the group to
+``calibrate_group`` with the group's quantized inputs and the FP outputs of its last layer.
+
+Deviations, stated: (a) OmniQuant-style learnable weight clipping (LWC) is not trained —
 weights are plain asymmetric per-channel min/max RTN, activations asymmetric per-token
-(``QuantConfig(w_asym=True, a_asym=True)``). (c) FP32 training (official: bf16 autocast).
-(d) The official final layer norm tuning (``tune_last_ln``) lies outside the decoder layers
-and is not done. (e) The search also evaluates "no reassembly" (see :mod:`qllm_core.reassembly`).
+(``QuantConfig(w_asym=True, a_asym=True)``). (b) FP32 training (official: bf16 autocast).
+(c) The official final layer norm tuning (``tune_last_ln``) lies outside the decoder layers
+and is not done. (d) The search also evaluates "no reassembly" (see :mod:`qllm_core.reassembly`).
 """
 from __future__ import annotations
 
@@ -43,7 +45,7 @@ from torch.nn.utils import parametrize
 
 from ..adapters import ModelAdapter, get_path
 from ..calib_stats import capture_inputs, input_channel_absmax
-from ..engine import LayerContext
+from ..engine import LayerContext, LayerGroup
 from ..quant import QuantLinear, quantizers_off
 from ..reassembly import ChannelReassembly, ReassemblyPlan, find_threshold
 from .base import QuantMethod, quant_linears, resolve_options
@@ -62,7 +64,7 @@ DEFAULT_OPTIONS = {
     "rank": 4,  # paper Sec. 4: r = 4
     "lr": 5e-4,  # paper: 5e-4 (7B/13B), 1e-4 (70B); official llama-2-7b w4a4 script uses 1e-4
     "epochs": 10,
-    "num_layer": 1,  # paper: 4 (see module docstring, deviation (a))
+    "num_layer": 4,  # paper / scripts: 4 consecutive layers per error-correction group
     "batch_size": 1,
     "calibrate_bs": 1,  # windows whose activations feed pair scores and the theta search
     "max_candidates": None,  # None: every distinct count (paper); an int thins the sweep (smoke)
@@ -117,14 +119,12 @@ class QLLMMethod(QuantMethod):
 
     def __init__(self, quant, **options):
         merged = resolve_options("QLLM", DEFAULT_OPTIONS, options)
-        if merged["num_layer"] != 1:
-            raise ValueError("QLLM num_layer must be 1 here: the block-wise engine calibrates one decoder layer "
-                             "at a time (the paper's 4-layer groups need an engine extension)")
-        for key in ("rank", "epochs", "batch_size", "calibrate_bs"):
+        for key in ("rank", "epochs", "batch_size", "calibrate_bs", "num_layer"):
             if not isinstance(merged[key], int) or merged[key] < (0 if key == "epochs" else 1):
                 raise ValueError(f"QLLM option {key} must be a positive integer, got {merged[key]!r}")
         super().__init__(quant, **merged)
         self.opt = merged
+        self.layers_per_group = merged["num_layer"]
 
     # -- structure -----------------------------------------------------------------------------
     def build_layer(self, index: int, layer: nn.Module, adapter: ModelAdapter) -> None:
@@ -139,14 +139,18 @@ class QLLMMethod(QuantMethod):
 
     # -- calibration ---------------------------------------------------------------------------
     def calibrate_layer(self, layer: nn.Module, ctx: LayerContext | None) -> None:
+        """Per layer: the reassembly search (error correction waits for the layer's group)."""
         if ctx is None:
             raise ValueError("QLLM needs calibration data (a LayerContext)")
         self.search_log: dict[str, dict] = {}
         if self.opt["reassembly"]:
             self.reassemble(layer, ctx)
+
+    def calibrate_group(self, group: LayerGroup, ctx: LayerContext | None) -> None:
+        """Per group of ``num_layer`` reassembled layers: joint error correction, then frozen weights."""
         if self.opt["error_correction"] and self.opt["epochs"] > 0:
-            self.correct_errors(layer, ctx)
-        for qlinear in quant_linears(layer).values():
+            self.correct_errors(group, ctx)
+        for qlinear in quant_linears(group).values():
             qlinear.freeze_weight()
 
     @torch.no_grad()
@@ -177,7 +181,7 @@ class QLLMMethod(QuantMethod):
                                      "baseline_error": result.baseline_error, "evaluated": result.evaluated}
 
     def correct_errors(self, layer: nn.Module, ctx: LayerContext) -> None:
-        """Train LoRA adapters on the frozen quantized layer against the FP outputs, then fuse them."""
+        """Train LoRA adapters on the frozen quantized layer (group) against the FP outputs, then fuse them."""
         generator = torch.Generator().manual_seed(self.opt["seed"] * 100003 + ctx.index)
         qlinears = list(quant_linears(layer).values())
         grad_flags = {p: p.requires_grad for p in layer.parameters()}
