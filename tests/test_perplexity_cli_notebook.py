@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pandas as pd
+import pytest
 import torch
 
 from eval.perplexity import window_losses
@@ -52,3 +53,16 @@ def test_perplexity_notebook_runs_with_papermill(tiny_model_dir, data_dir, tmp_p
     table = pd.read_csv(reports / "tables" / "perplexity.csv")
     assert sorted(table["method"]) == ["fp", "rtn"] and (table["windows"] == 1).all()
     assert table.loc[table.method == "rtn", "ppl"].item() != table.loc[table.method == "fp", "ppl"].item()
+
+
+def test_profile_grids_split_core_and_extra_without_overlap():
+    from eval.profiles import get_profile
+
+    smoke = get_profile("smoke")
+    core, extra = smoke.grid("core"), smoke.grid("extra")
+    slugs = [e.slug() for e in core + extra]
+    assert len(slugs) == len(set(slugs)) and core and extra
+    assert [e.slug() for e in smoke.grid("all")] == slugs
+    assert {e.slug() for e in get_profile("paper").grid("all")} >= {e.slug() for e in core if e.method in ("fp", "rtn")}
+    with pytest.raises(ValueError, match="unknown grid"):
+        smoke.grid("everything")
