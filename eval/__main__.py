@@ -38,6 +38,8 @@ def _parser() -> argparse.ArgumentParser:
     ppl.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows (smoke)")
     ppl.add_argument("--batch-size", type=int, default=1)
     ppl.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    ppl.add_argument("--kernels", action="store_true",
+                     help="run a quantized run's linears on the Triton kernels (qllm_core.deploy); needs triton")
 
     q = sub.add_parser("quantize", help="quantize a model into a run directory (resumes a partial run)")
     _add_common(q)
@@ -76,6 +78,13 @@ def main(argv: list[str] | None = None) -> int:
         if is_run_dir(args.model):
             loaded, record = load_run(args.model)
             source = {"run": args.model, "method": record["method"], "quant": record["quant"]}
+            if args.kernels:
+                from qllm_core.deploy import to_kernels  # imports triton
+
+                to_kernels(loaded.model.to(args.device), loaded.adapter)
+                source["kernels"] = True
+        elif args.kernels:
+            raise SystemExit("--kernels needs a quantized run directory as --model")
         else:
             loaded, source = load_model(args.model), {"method": "fp"}
         result = perplexity(loaded.model, loaded.tokenizer, args.dataset, args.seqlen, args.max_windows,

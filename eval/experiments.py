@@ -78,8 +78,10 @@ def perplexity_rows(model_spec: str, experiments: list[Experiment], datasets: li
         stats = (record or {}).get("stats")
         calib_rows = []
         if stats and calibration:
+            calib_device = device_label(stats["device"])
+            if stats.get("concurrent_jobs", 1) > 1:  # eval.prequantize: the wall time includes the sharing
+                calib_device += f" (shared by {stats['concurrent_jobs']} runs)"
             calib_rows.append({**common, "calib_seconds": stats["calib_seconds"],
-                               "peak_gpu_mem_gib": stats.get("peak_gpu_mem_gib", "-"),
-                               "device": device_label(stats["device"])})
+                               "peak_gpu_mem_gib": stats.get("peak_gpu_mem_gib", "-"), "device": calib_device})
         del loaded
         yield ppl_rows, calib_rows

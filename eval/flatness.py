@@ -12,10 +12,25 @@ curves show the transform's effect and not the quantization noise.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
+from .experiments import build_model
+from .profiles import W4A4KV4, get_profile
+
 SITES = {"qkv": ("q_proj", "k_proj", "v_proj"), "gate_up": ("gate_proj", "up_proj"), "down": ("down_proj",)}
+
+
+def profile_flatquant_run(profile: str, run_root: str | Path = "runs", data_dir=None):
+    """``(quantized model, run record)`` of the profile's FlatQuant W4A4KV4 experiment.
+
+    The same run directory the perplexity notebook evaluates (made here if missing, reused there).
+    """
+    settings = get_profile(profile)
+    exp = next(e for e in settings.grid("all") if e.method == "flatquant" and e.quant == W4A4KV4)
+    return build_model(settings.model, exp, Path(run_root), settings.calib, settings.device, data_dir)
 
 
 def sorted_channel_magnitudes(x: torch.Tensor, channel_dim: int = -1) -> torch.Tensor:

@@ -82,6 +82,8 @@ class W4A4Linear(nn.Module):
         if self.act_bits == 16:
             if self.p1 is not None or self.channel_scale is not None:
                 x = transform_quant(x, self.p1, self.p2, self.channel_scale, quantize=False)
+            if x.dtype == torch.float32:  # the weight-only GEMM feeds fp16/bf16 tensor cores
+                x = x.to(torch.float16)
             return w4a16_matmul(x, self.w_packed, self.w_scale, out_dtype=self.out_dtype)
         p1, p2, cs = self.p1, self.p2, self.channel_scale
         if not self.fuse_transform and (p1 is not None or cs is not None):

@@ -47,9 +47,12 @@ def _write_json(path: Path, payload: dict) -> None:
 
 def quantize_to_run(
     model_spec: str, method: str, quant: QuantConfig, run_dir: str | Path, calib: CalibConfig = CalibConfig(),
-    device: str = "cpu", data_dir=None, method_options: dict | None = None,
+    device: str = "cpu", data_dir=None, method_options: dict | None = None, concurrent_jobs: int = 1,
 ) -> LoadedModel:
-    """Quantize ``model_spec`` with ``method`` into ``run_dir`` (resuming a partial run there)."""
+    """Quantize ``model_spec`` with ``method`` into ``run_dir`` (resuming a partial run there).
+
+    ``concurrent_jobs``: how many runs share the device meanwhile (recorded with the wall time).
+    """
     run_dir = Path(run_dir)
     qmethod = make_method(method, quant, **(method_options or {}))
     loaded = load_model(model_spec)
@@ -74,7 +77,7 @@ def quantize_to_run(
         torch.cuda.reset_peak_memory_stats()
     start = time.time()
     BlockwiseEngine(loaded.model, loaded.adapter, device, run_dir / "layers", calib.batch_size).run(qmethod, calib_ids)
-    stats = {"calib_seconds": round(time.time() - start, 2), "device": str(device)}
+    stats = {"calib_seconds": round(time.time() - start, 2), "device": str(device), "concurrent_jobs": concurrent_jobs}
     if on_gpu:
         stats["peak_gpu_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
     _write_json(existing, {**record, "status": "complete", "stats": stats})

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pandas as pd
+import pytest
 import torch
 
 from eval.perplexity import window_losses
@@ -52,3 +53,34 @@ def test_perplexity_notebook_runs_with_papermill(tiny_model_dir, data_dir, tmp_p
     table = pd.read_csv(reports / "tables" / "perplexity.csv")
     assert sorted(table["method"]) == ["fp", "rtn"] and (table["windows"] == 1).all()
     assert table.loc[table.method == "rtn", "ppl"].item() != table.loc[table.method == "fp", "ppl"].item()
+
+
+def test_profile_grids_split_core_and_extra_without_overlap():
+    from eval.profiles import get_profile
+
+    smoke = get_profile("smoke")
+    core, extra = smoke.grid("core"), smoke.grid("extra")
+    slugs = [e.slug() for e in core + extra]
+    assert len(slugs) == len(set(slugs)) and core and extra
+    assert [e.slug() for e in smoke.grid("all")] == slugs
+    assert {e.slug() for e in get_profile("paper").grid("all")} >= {e.slug() for e in core if e.method in ("fp", "rtn")}
+    with pytest.raises(ValueError, match="unknown grid"):
+        smoke.grid("everything")
+
+
+def test_prequantize_makes_the_runs_the_notebook_reuses(tiny_model_dir, data_dir, tmp_path):
+    from eval.profiles import get_profile
+    from qllm_core.runs import read_run
+
+    env = {**os.environ, "QLLM_DATA_DIR": str(data_dir), "HF_HUB_OFFLINE": "1"}
+    args = [sys.executable, "-m", "eval.prequantize", "--profile", "smoke", "--grid", "core", "--model",
+            str(tiny_model_dir), "--only-methods", "rtn", "--jobs", "2", "--run-root", str(tmp_path)]
+    first = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr
+    expected = [e for e in get_profile("smoke").grid("core") if e.report_method == "rtn"]
+    assert first.stdout.startswith(f"{len(expected)} runs to make with 2 workers")
+    for exp in expected:
+        record = read_run(tmp_path / exp.slug())
+        assert record["status"] == "complete" and record["stats"]["concurrent_jobs"] == 2
+    again = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True)
+    assert again.returncode == 0 and again.stdout.startswith("0 runs to make")
