@@ -35,8 +35,9 @@ def method_grid(smoke: bool) -> tuple[list[Experiment], list[Experiment]]:
 
     ``core`` has one configuration per method (W4A4KV4, or the method's own W4A4/W4A16) and fits
     `make reproduce`'s 30 minutes on 2 CPU cores; ``extra`` has the papers' other bit widths and the
-    ablations (asymmetric RTN, QLLM reassembly without error correction). ``smoke`` shortens training (epochs) and QLLM's threshold
-    sweep (12 evenly spread candidates per site) so the grid runs on a 2-core CPU in minutes;
+    ablations (asymmetric RTN, QLLM reassembly without error correction). ``smoke`` shortens training
+    (epochs) and QLLM's threshold sweep (12 evenly spread candidates per site) so the grid runs on a
+    2-core CPU in minutes;
     otherwise every method runs with its paper defaults (the method classes' default options).
     """
     short = (lambda **kw: kw) if smoke else (lambda **kw: {})
@@ -49,19 +50,19 @@ def method_grid(smoke: bool) -> tuple[list[Experiment], list[Experiment]]:
         Experiment("flatquant", W4A4KV4, short(epochs=2)),
         Experiment("qllm", QLLM_BITS[0], short(epochs=1, max_candidates=12)),
     ]
-    extra = [
-        Experiment("rtn", QuantConfig(w_bits=6, a_bits=6)),
-        *[Experiment("rtn", bits, label="rtn-asym") for bits in QLLM_BITS],  # QLLM's baseline (asymmetric)
-        Experiment("smoothquant", W4A4),
-        Experiment("smoothquant", W6A6),
-        Experiment("quarot", W4A4),
-        Experiment("quarot", W4A4KV4, {"weight_quantizer": "gptq"}, label="quarot-gptq"),
-        Experiment("omniquant", replace(omni_bits, kv_bits=16), short(epochs=2)),
+    extra = [  # issue order: FlatQuant, QLLM (+ its asymmetric RTN baseline), then the other baselines
         Experiment("flatquant", W4A4, short(epochs=2)),
         Experiment("flatquant", W4A16, short(epochs=2)),
+        *[Experiment("rtn", bits, label="rtn-asym") for bits in QLLM_BITS],
         *[Experiment("qllm", bits, {"error_correction": False, **short(max_candidates=12)}, label="qllm-reassembly")
           for bits in QLLM_BITS],
         *[Experiment("qllm", bits, short(epochs=1, max_candidates=12)) for bits in QLLM_BITS[1:]],
+        Experiment("smoothquant", W4A4),
+        Experiment("smoothquant", W6A6),
+        Experiment("rtn", QuantConfig(w_bits=6, a_bits=6)),
+        Experiment("quarot", W4A4),
+        Experiment("omniquant", replace(omni_bits, kv_bits=16), short(epochs=2)),
+        Experiment("quarot", W4A4KV4, {"weight_quantizer": "gptq"}, label="quarot-gptq"),
     ]
     return core, extra
 
