@@ -64,6 +64,8 @@ def method_grid(smoke: bool) -> tuple[list[Experiment], list[Experiment]]:
         Experiment("omniquant", replace(omni_bits, kv_bits=16), short(epochs=2)),
         Experiment("quarot", W4A4KV4, {"weight_quantizer": "gptq"}, label="quarot-gptq"),
     ]
+    if smoke:  # does error correction help once it trains as many epochs as the paper's (10)?
+        extra.append(Experiment("qllm", QLLM_BITS[0], short(epochs=10, max_candidates=12), label="qllm-10ep"))
     return core, extra
 
 
