@@ -6,7 +6,9 @@ runs and resumes interrupted ones), then evaluated on each dataset.
 """
 from __future__ import annotations
 
+import json
 import re
+import statistics
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,42 +48,90 @@ def device_label(device: str | torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
+def ensure_run(model_spec: str, exp: Experiment, run_dir: Path, calib: CalibConfig, device: str, data_dir=None,
+               concurrent_jobs: int = 1) -> dict:
+    """The record of ``exp``'s complete run in ``run_dir``, quantizing (or resuming) it first if needed
+    (``concurrent_jobs``: runs sharing the device meanwhile, recorded with the timings)."""
+    if not (is_run_dir(run_dir) and read_run(run_dir).get("status") == "complete"):
+        quantize_to_run(model_spec, exp.method, exp.quant, run_dir, calib, device, data_dir, exp.options,
+                        concurrent_jobs)
+    return read_run(run_dir)
+
+
 def build_model(model_spec: str, exp: Experiment, run_root: Path, calib: CalibConfig, device: str, data_dir=None):
-    """The model for ``exp``: FP, a finished run from ``run_root``, or a fresh (resumed) quantization."""
+    """``(model, run record)`` for ``exp``: FP (record None), or its finished (made if needed) run."""
     if exp.method == FP_METHOD:
         return load_model(model_spec), None
-    run_dir = run_root / exp.slug()
-    if is_run_dir(run_dir) and read_run(run_dir).get("status") == "complete":
-        return load_run(run_dir)
-    quantize_to_run(model_spec, exp.method, exp.quant, run_dir, calib, device, data_dir, exp.options)
-    return load_run(run_dir)
+    ensure_run(model_spec, exp, run_root / exp.slug(), calib, device, data_dir)
+    return load_run(run_root / exp.slug())
+
+
+def cached_perplexity(run_dir: Path, model_fn, dataset: str, seqlen: int, max_windows: int | None, device: str,
+                      data_dir=None) -> dict:
+    """Perplexity of a run (or FP) on ``dataset``, stored in ``<run_dir>/eval/`` and reused afterwards.
+
+    ``model_fn()`` returns the LoadedModel; it is called only when the result is not stored yet, so
+    a notebook re-run after ``eval.prequantize --evaluate`` loads no model at all.
+    """
+    path = run_dir / "eval" / f"ppl-{dataset}-{seqlen}-{max_windows or 'all'}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    loaded = model_fn()
+    result = perplexity(loaded.model, loaded.tokenizer, dataset, seqlen, max_windows, 1, device, data_dir)
+    result.update(device=device_label(device), model=loaded.name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def calibration_row(common: dict, record: dict | None) -> dict | None:
+    """The calibration table's row of a finished run (wall time, per-layer time, GPU use), if calibrated."""
+    stats, calibration = (record or {}).get("stats"), (record or {}).get("calibration")
+    if not stats or not calibration:
+        return None
+    groups = stats.get("group_seconds") or []
+    per_layer = statistics.median(groups) / stats.get("layers_per_group", 1) if groups else None
+    busy = stats.get("gpu_busy_share")
+    return {**common, "calib_seconds": stats["calib_seconds"],
+            "seconds_per_layer": "-" if per_layer is None else round(per_layer, 3),
+            "gpu_busy_share": "-" if busy is None else busy, "peak_gpu_mem_gib": stats.get("peak_gpu_mem_gib", "-"),
+            "jobs": stats.get("concurrent_jobs", 1), "device": device_label(stats["device"])}
+
+
+def experiment_rows(model_spec: str, exp: Experiment, datasets: list[str], max_windows: int | None, calib: CalibConfig,
+                    run_root: str | Path, device: str = "cpu", profile: str = "smoke", data_dir=None,
+                    seqlen: int = 2048, concurrent_jobs: int = 1) -> tuple[list[dict], list[dict]]:
+    """(perplexity rows, calibration rows) of one experiment, quantizing it first if needed."""
+    run_dir = Path(run_root) / exp.slug()
+    record = None if exp.method == FP_METHOD else ensure_run(model_spec, exp, run_dir, calib, device, data_dir,
+                                                               concurrent_jobs)
+    box = {}
+
+    def model_fn():  # loaded at most once, and only if some dataset is not evaluated yet
+        if "loaded" not in box:
+            box["loaded"] = load_model(model_spec) if exp.method == FP_METHOD else load_run(run_dir)[0]
+        return box["loaded"]
+
+    results = {d: cached_perplexity(run_dir, model_fn, d, seqlen, max_windows, device, data_dir) for d in datasets}
+    calibration = (record or {}).get("calibration") or {}
+    common = {
+        "model": record["model_name"] if record else next(iter(results.values()))["model"],
+        "method": exp.report_method, "w_bits": exp.quant.w_bits, "a_bits": exp.quant.a_bits,
+        "kv_bits": exp.quant.kv_bits, "calib_data": calibration.get("dataset", "-"),
+        "calib_samples": calibration.get("nsamples", 0), "calib_seqlen": calibration.get("seqlen", 0),
+        "profile": profile,
+    }
+    ppl_rows = [{**common, "dataset": d, "windows": r["windows"], "ppl": r["ppl"], "device": r["device"]}
+                for d, r in results.items()]
+    calib_row = calibration_row(common, record)
+    return ppl_rows, [calib_row] if calib_row else []
 
 
 def perplexity_rows(model_spec: str, experiments: list[Experiment], datasets: list[str], max_windows: int | None,
                     calib: CalibConfig, run_root: str | Path, device: str = "cpu", profile: str = "smoke",
-                    data_dir=None, seqlen: int = 2048, batch_size: int = 1) -> Iterator[tuple[list[dict], list[dict]]]:
+                    data_dir=None, seqlen: int = 2048) -> Iterator[tuple[list[dict], list[dict]]]:
     """Evaluate each experiment on every dataset, yielding (perplexity rows, calibration rows) per
     experiment, so callers can save results as they come (a crash keeps the finished ones)."""
     for exp in experiments:
-        loaded, record = build_model(model_spec, exp, Path(run_root), calib, device, data_dir)
-        calibration = (record or {}).get("calibration") or {}
-        common = {
-            "model": loaded.name, "method": exp.report_method, "w_bits": exp.quant.w_bits,
-            "a_bits": exp.quant.a_bits, "kv_bits": exp.quant.kv_bits,
-            "calib_data": calibration.get("dataset", "-"), "calib_samples": calibration.get("nsamples", 0),
-            "calib_seqlen": calibration.get("seqlen", 0), "profile": profile, "device": device_label(device),
-        }
-        ppl_rows = []
-        for dataset in datasets:
-            result = perplexity(loaded.model, loaded.tokenizer, dataset, seqlen, max_windows, batch_size, device, data_dir)
-            ppl_rows.append({**common, "dataset": dataset, "windows": result["windows"], "ppl": result["ppl"]})
-        stats = (record or {}).get("stats")
-        calib_rows = []
-        if stats and calibration:
-            calib_device = device_label(stats["device"])
-            if stats.get("concurrent_jobs", 1) > 1:  # eval.prequantize: the wall time includes the sharing
-                calib_device += f" (shared by {stats['concurrent_jobs']} runs)"
-            calib_rows.append({**common, "calib_seconds": stats["calib_seconds"],
-                               "peak_gpu_mem_gib": stats.get("peak_gpu_mem_gib", "-"), "device": calib_device})
-        del loaded
-        yield ppl_rows, calib_rows
+        yield experiment_rows(model_spec, exp, datasets, max_windows, calib, run_root, device, profile, data_dir,
+                              seqlen)

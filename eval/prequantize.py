@@ -1,14 +1,18 @@
-"""Quantize a profile's grid into its run directories, several runs side by side.
+"""Quantize (and evaluate) a profile's grid into its run directories, spread over the GPUs.
 
-    python -m eval.prequantize --profile paper --grid all --jobs 6 --run-root runs
+    python -m eval.prequantize --profile paper --grid all --gpus 4 --jobs-per-gpu 1 --evaluate
 
-Why: the embedded model's layers are small, so one calibration leaves an H100 mostly idle (each
-training step is many small kernels, and their launches set the pace, not the arithmetic). Runs
-in separate worker processes overlap on one GPU. Each run lands in ``<run-root>/<slug>``, the
-directory the perplexity notebook looks for, so a notebook run afterwards only evaluates.
-Finished runs are skipped and interrupted ones resume (per-layer checkpoints). Calibration times
-measured this way include the sharing: every run records ``concurrent_jobs`` in its ``run.json``
-stats and the calibration table says so.
+Each run lands in ``<run-root>/<slug>``, the directory the perplexity notebook looks for; with
+``--evaluate`` each worker also measures the run's perplexity on the profile's datasets (stored in
+the run directory, :func:`eval.experiments.cached_perplexity`) and the rows are merged into
+``reports/tables/perplexity.csv`` and ``calibration.csv`` as runs finish, so a notebook run
+afterwards only renders, and results survive an interruption. Finished runs are skipped and
+interrupted ones resume (per-layer checkpoints).
+
+One worker process per (GPU, slot): ``--jobs-per-gpu`` runs share each GPU, and every run records
+that number (``jobs`` in the calibration table), because the wall time of a run includes the
+sharing. With the fast training loop (qllm_core.training) a run keeps one GPU busy, so
+``--jobs-per-gpu 1`` gives each run a GPU of its own and the timings of a run alone.
 """
 from __future__ import annotations
 
@@ -20,30 +24,46 @@ import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
-from qllm_core.runs import is_run_dir, quantize_to_run, read_run
+from qllm_core.runs import is_run_dir, read_run
 
-from .experiments import FP_METHOD, Experiment
+from .experiments import FP_METHOD, Experiment, ensure_run, experiment_rows
 from .profiles import get_profile
+from .reports import CALIBRATION_COLUMNS, PERPLEXITY_COLUMNS, upsert_rows
 
+REPORTS = Path(__file__).resolve().parents[1] / "reports"
 # Rough cost order (longest first), so the slowest runs start at once.
-_COST = {"flatquant": 0, "omniquant": 1, "qllm": 2, "gptq": 3, "quarot": 4, "smoothquant": 5, "rtn": 6}
+_COST = {"omniquant": 0, "flatquant": 1, "qllm": 2, "gptq": 3, "quarot": 4, "smoothquant": 5, "rtn": 6, FP_METHOD: 7}
 
 
-def pending(experiments: list[Experiment], run_root: Path) -> list[Experiment]:
-    """The experiments that still need a run (FP needs none), longest first."""
-    todo = [e for e in experiments if e.method != FP_METHOD and not (
-        is_run_dir(run_root / e.slug()) and read_run(run_root / e.slug()).get("status") == "complete")]
+def pending(experiments: list[Experiment], run_root: Path, evaluate: bool) -> list[Experiment]:
+    """The experiments that still need a run (FP only when evaluating), longest first."""
+    def done(e: Experiment) -> bool:
+        run_dir = run_root / e.slug()
+        return e.method == FP_METHOD or (is_run_dir(run_dir) and read_run(run_dir).get("status") == "complete")
+    todo = [e for e in experiments if evaluate or not done(e)]
     return sorted(todo, key=lambda e: _COST.get(e.method, len(_COST)))
 
 
-def _quantize(model: str, exp: Experiment, run_root: str, calib, device: str, data_dir, jobs: int, threads: int) -> str:
+def _claim_gpu(slots) -> None:
+    """Worker initializer: pin this worker to one GPU (before CUDA is initialised in it)."""
+    gpu = slots.get()
+    if gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
+
+
+def _work(profile_name: str, model: str | None, device: str | None, exp: Experiment, run_root: str, data_dir,
+          jobs: int, threads: int, evaluate: bool):
     import torch
 
     torch.set_num_threads(threads)
+    profile = get_profile(profile_name, model=model, device=device)
     start = time.time()
-    quantize_to_run(model, exp.method, exp.quant, Path(run_root) / exp.slug(), calib, device, data_dir, exp.options,
-                    concurrent_jobs=jobs)
-    return f"{exp.slug()}: {time.time() - start:.0f} s"
+    if not evaluate:
+        ensure_run(profile.model, exp, Path(run_root) / exp.slug(), profile.calib, profile.device, data_dir, jobs)
+        return exp, f"{time.time() - start:.0f} s", None
+    rows = experiment_rows(profile.model, exp, list(profile.datasets), profile.max_windows, profile.calib, run_root,
+                           profile.device, profile.name, data_dir, concurrent_jobs=jobs)
+    return exp, f"{time.time() - start:.0f} s", rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,29 +75,53 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", help="override the profile's device")
     parser.add_argument("--run-root", default="runs")
     parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--jobs", type=int, default=4, help="runs at once (worker processes)")
+    parser.add_argument("--gpus", type=int, default=None, help="GPUs to use (default: all visible; none on a CPU)")
+    parser.add_argument("--jobs-per-gpu", type=int, default=1, help="runs at once on each GPU (or on the CPU)")
+    parser.add_argument("--evaluate", action="store_true", help="also evaluate each run and merge the table rows")
+    parser.add_argument("--reports-dir", default=str(REPORTS))
     args = parser.parse_args(argv)
-    if args.jobs < 1:
-        raise SystemExit("--jobs must be >= 1")
+    if args.jobs_per_gpu < 1:
+        raise SystemExit("--jobs-per-gpu must be >= 1")
     profile = get_profile(args.profile, model=args.model, device=args.device)
     experiments = profile.grid(args.grid)
     if args.only_methods:
         experiments = [e for e in experiments if e.report_method in args.only_methods]
-    todo = pending(experiments, Path(args.run_root))
-    threads = max(1, (os.cpu_count() or 1) // args.jobs)
-    print(f"{len(todo)} runs to make with {args.jobs} workers ({threads} CPU threads each)", flush=True)
-    failures = 0
+    todo = pending(experiments, Path(args.run_root), args.evaluate)
+    gpus = _gpu_count(profile.device) if args.gpus is None else args.gpus
+    workers = max(gpus, 1) * args.jobs_per_gpu
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    print(f"{len(todo)} runs to make with {workers} workers on {gpus or 'no'} GPU(s) "
+          f"({args.jobs_per_gpu} per device, {threads} CPU threads each)", flush=True)
     context = multiprocessing.get_context("spawn")  # CUDA cannot be shared with forked workers
-    with ProcessPoolExecutor(args.jobs, mp_context=context) as pool:
-        futures = {pool.submit(_quantize, profile.model, e, args.run_root, profile.calib, profile.device,
-                               args.data_dir, args.jobs, threads): e for e in todo}
+    slots = context.Queue()
+    for slot in range(workers):
+        slots.put(slot % gpus if gpus else None)
+    tables = Path(args.reports_dir) / "tables"
+    failures = 0
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_claim_gpu, initargs=(slots,)) as pool:
+        futures = {pool.submit(_work, args.profile, args.model, args.device, e, args.run_root, args.data_dir,
+                               args.jobs_per_gpu, threads, args.evaluate): e for e in todo}
         for future in as_completed(futures):
             try:
-                print(future.result(), flush=True)
+                exp, took, rows = future.result()
             except Exception as err:  # report every failed run, keep the others going
                 failures += 1
                 print(f"{futures[future].slug()}: FAILED: {err!r}", file=sys.stderr, flush=True)
+                continue
+            print(f"{exp.slug()}: {took}", flush=True)
+            if rows:
+                upsert_rows(tables / "perplexity.csv", rows[0], PERPLEXITY_COLUMNS)
+                if rows[1]:
+                    upsert_rows(tables / "calibration.csv", rows[1], CALIBRATION_COLUMNS)
     return 1 if failures else 0
+
+
+def _gpu_count(device: str) -> int:
+    if not device.startswith("cuda"):
+        return 0
+    import torch
+
+    return torch.cuda.device_count()
 
 
 if __name__ == "__main__":

@@ -97,7 +97,8 @@ PROFILES = {
     # take as long again and run on request (`--param grid='"extra"'`).
     "smoke": Profile("smoke", calib=CalibConfig(nsamples=8, seqlen=512),
                      experiments=tuple(RTN_GRID + _SMOKE_CORE), extra_experiments=tuple(_SMOKE_EXTRA)),
-    "paper": Profile("paper", device="cuda", max_windows=None, calib=CalibConfig(nsamples=128, seqlen=2048),
+    # paper: batch_size = windows per forward when the engine propagates activations (not a training setting)
+    "paper": Profile("paper", device="cuda", max_windows=None, calib=CalibConfig(nsamples=128, seqlen=2048, batch_size=8),
                      experiments=tuple(RTN_GRID + _PAPER_CORE + _PAPER_EXTRA)),
 }
 

@@ -12,9 +12,12 @@ import pandas as pd
 
 PERPLEXITY_COLUMNS = ["model", "method", "w_bits", "a_bits", "kv_bits", "dataset", "windows", "ppl",
                       "calib_data", "calib_samples", "calib_seqlen", "profile", "device"]
+# calib_seconds: wall time of the whole calibration; seconds_per_layer: median wall time of a layer (a
+# group's over its layers); gpu_busy_share: mean NVML utilization during it; jobs: runs sharing the GPU.
 CALIBRATION_COLUMNS = ["model", "method", "w_bits", "a_bits", "kv_bits", "calib_data", "calib_samples",
-                       "calib_seqlen", "calib_seconds", "peak_gpu_mem_gib", "profile", "device"]
-VALUE_COLUMNS = {"ppl", "device", "calib_seconds", "peak_gpu_mem_gib"}
+                       "calib_seqlen", "calib_seconds", "seconds_per_layer", "gpu_busy_share", "peak_gpu_mem_gib",
+                       "jobs", "profile", "device"]
+VALUE_COLUMNS = {"ppl", "device", "calib_seconds", "seconds_per_layer", "gpu_busy_share", "peak_gpu_mem_gib", "jobs"}
 
 
 def key_columns(columns: list[str]) -> list[str]:
@@ -34,7 +37,8 @@ def upsert_rows(csv_path: str | Path, rows: list[dict], columns: list[str], floa
         new_str = new.astype(str)
         merged_keys = old[keys].merge(new_str[keys].drop_duplicates(), on=keys, how="left", indicator=True)
         old = old[(merged_keys["_merge"] == "left_only").to_numpy()]
-        table = pd.concat([old, new_str], ignore_index=True)
+        table = pd.concat([old, new_str], ignore_index=True).fillna("-")  # columns older rows lack
+        table = table[[c for c in columns if c in table.columns]]
     else:
         table = new.astype(str)
     table = _format(table, float_digits).sort_values(keys, kind="stable").reset_index(drop=True)

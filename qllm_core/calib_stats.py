@@ -14,17 +14,19 @@ from torch import nn
 
 from .engine import LayerContext
 
+WINDOWS_PER_PASS = 8
+
 
 @torch.no_grad()
 def observe_inputs(layer: nn.Module, ctx: LayerContext, modules: dict[str, nn.Module], inputs: torch.Tensor,
                    observe: Callable[[str, torch.Tensor], None]) -> None:
-    """Run ``layer`` on ``inputs`` one window at a time, calling ``observe(name, x)`` with the input
-    ``x`` of every module in ``modules`` (keyed by name)."""
+    """Run ``layer`` on ``inputs`` (``WINDOWS_PER_PASS`` windows per forward), calling
+    ``observe(name, x)`` with the input ``x`` of every module in ``modules`` (keyed by name)."""
     handles = [m.register_forward_pre_hook(lambda _m, args, name=name: observe(name, args[0].detach()))
                for name, m in modules.items()]
     try:
-        for i in range(inputs.shape[0]):
-            ctx.forward(layer, inputs[i : i + 1].to(ctx.device))
+        for i in range(0, inputs.shape[0], WINDOWS_PER_PASS):
+            ctx.forward(layer, inputs[i : i + WINDOWS_PER_PASS].to(ctx.device))
     finally:
         for h in handles:
             h.remove()
@@ -39,16 +41,16 @@ def input_channel_absmax(layer: nn.Module, ctx: LayerContext, modules: dict[str,
     stats: dict[str, torch.Tensor] = {}
 
     def update(name: str, x: torch.Tensor) -> None:
-        channel_max = x.abs().reshape(-1, x.shape[-1]).amax(dim=0).float().cpu()
+        channel_max = x.abs().reshape(-1, x.shape[-1]).amax(dim=0).float()
         stats[name] = channel_max if name not in stats else torch.maximum(stats[name], channel_max)
 
     observe_inputs(layer, ctx, modules, ctx.fp_inputs if inputs is None else inputs, update)
-    return stats
+    return {name: channel_max.cpu() for name, channel_max in stats.items()}
 
 
 def capture_inputs(layer: nn.Module, ctx: LayerContext, modules: dict[str, nn.Module],
                    inputs: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The input tensors ``(n, tokens, C)`` of ``modules`` for ``inputs`` (kept on the CPU)."""
+    """The input tensors ``(n, tokens, C)`` of ``modules`` for ``inputs`` (on the layer's device)."""
     seen: dict[str, list] = {name: [] for name in modules}
-    observe_inputs(layer, ctx, modules, inputs, lambda name, x: seen[name].append(x.cpu()))
+    observe_inputs(layer, ctx, modules, inputs, lambda name, x: seen[name].append(x))
     return {name: torch.cat(parts) for name, parts in seen.items()}

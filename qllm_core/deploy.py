@@ -86,7 +86,7 @@ def kernel_linear(qlinear: QuantLinear, name: str, out_dtype: torch.dtype) -> nn
     from kernels.qlinear import W4A4Linear  # needs triton
 
     wq = qlinear.weight_quantizer
-    if not bool(qlinear.weight_frozen):
+    if not qlinear.frozen:
         raise ValueError(f"{name}: the weight is not frozen (calibrate or load a complete run first)")
     if wq.bits != 4 or not wq.symmetric or wq.group_size is not None:
         raise NotImplementedError(f"{name}: the W4A4 GEMM takes symmetric per-channel int4 weights, this layer has "

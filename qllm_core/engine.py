@@ -16,6 +16,7 @@ An interrupted run resumes: saved layers are rebuilt and reloaded, and only the
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -171,6 +172,7 @@ class BlockwiseEngine:
         self.device = torch.device(device)
         self.layer_dir = Path(layer_dir) if layer_dir is not None else None
         self.batch_size = batch_size
+        self.group_seconds: list[float] = []  # wall time of each layer group (a layer, unless grouped)
 
     def checkpoint_path(self, index: int) -> Path | None:
         return None if self.layer_dir is None else self.layer_dir / f"{index:03d}.safetensors"
@@ -215,6 +217,7 @@ class BlockwiseEngine:
             indices = range(first, min(first + size, len(layers)))
             # A group resumes only as a whole: its layers are saved after the joint step.
             resume = all(self._saved(i) for i in indices)
+            started = time.perf_counter()
             group_fp_inputs, group_quant_inputs = fp_inputs, quant_inputs
             for index in indices:
                 layer = layers[index]
@@ -239,7 +242,9 @@ class BlockwiseEngine:
                         save_layer_state(layers[index], self.checkpoint_path(index))
             if quant_inputs is not None:  # through the group's final layers
                 quant_inputs = run_layer_batched(group, group_quant_inputs, kwargs, self.device, self.batch_size)
-            group.to("cpu")
+            group.to("cpu")  # a copy to the host: the group's GPU work is done when the clock stops
+            if not resume:
+                self.group_seconds.append(time.perf_counter() - started)
         progress.close()
         self.model.to("cpu")
 

@@ -176,29 +176,29 @@ class SearchResult:
 
 
 def find_threshold(
-    absmax: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, objective: Callable[[ReassemblyPlan], float],
+    absmax: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+    objective: Callable[[ReassemblyPlan], torch.Tensor | float],
     channel_ratio: float = 0.2, max_candidates: int | None = None,
 ) -> SearchResult:
     """Adaptive reassembly: the plan whose ``objective`` (reconstruction error) is lowest.
 
     ``absmax``: per-channel calibration max |x| (all tokens); ``x``: site activations used for
     pair scores (official: the first ``calibrate_bs`` samples); ``weight``: the site's weights.
+    Pair scores are computed where ``x`` lives, plans on the CPU. The objective may return a
+    device tensor: every candidate is queued before the errors are read back, once.
     """
-    scores = pair_scores(x, weight)
-    best, baseline, evaluated = None, None, 0
+    scores = pair_scores(x, weight).cpu()
+    evaluated = []
     for theta, counts in thin_candidates(threshold_candidates(absmax, channel_ratio), max_candidates):
         plan = reassembly_plan(counts, scores)
-        if plan is None:
-            continue
-        error = objective(plan)
-        evaluated += 1
-        if baseline is None:
-            baseline = error
-        if best is None or error < best[2]:
-            best = (plan, theta, error)
-    if best is None:
+        if plan is not None:
+            evaluated.append((plan, theta, objective(plan)))
+    if not evaluated:
         raise RuntimeError("no reassembly candidate could be evaluated (empty calibration statistics?)")
-    return SearchResult(best[0], best[1], best[2], baseline, evaluated)
+    errors = torch.stack([torch.as_tensor(e, dtype=torch.float64) for *_, e in evaluated]).tolist()
+    best = min(range(len(errors)), key=errors.__getitem__)  # first of equal errors, as a running min
+    plan, theta, _ = evaluated[best]
+    return SearchResult(plan, theta, errors[best], errors[0], len(evaluated))
 
 
 class ChannelReassembly(nn.Module):
@@ -221,17 +221,19 @@ class ChannelReassembly(nn.Module):
         """Load ``plan`` (its slot count may differ from C only for unsaved, test-only plans)."""
         if plan.num_channels != self.scale.numel():
             raise ValueError(f"plan has {plan.num_channels} channels, transform has {self.scale.numel()}")
-        self.scale = plan.scale.to(self.scale)
-        self.group = plan.group.to(self.group.device)
-        self.slot_src = plan.slot_src.to(self.slot_src.device)
+        # non_blocking: the threshold search loads one plan per candidate without a host sync each
+        self.scale = plan.scale.to(self.scale, non_blocking=True)
+        self.group = plan.group.to(self.group.device, non_blocking=True)
+        self.slot_src = plan.slot_src.to(self.slot_src.device, non_blocking=True)
 
     def _sum_by_group(self, t: torch.Tensor) -> torch.Tensor:
         return t.new_zeros(t.shape).index_add(-1, self.group, t)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x * self.scale.to(x.dtype)
-        group_size = torch.bincount(self.group, minlength=self.group.numel()).clamp(min=1).to(x.dtype)
-        return (self._sum_by_group(x) / group_size).index_select(-1, self.slot_src)
+        # channels per merge group (bincount would read its size back from the device: a host sync)
+        group_size = x.new_zeros(self.group.numel()).index_add_(0, self.group, x.new_ones(self.group.numel()))
+        return (self._sum_by_group(x) / group_size.clamp(min=1)).index_select(-1, self.slot_src)
 
     def transform_weight(self, weight: torch.Tensor) -> torch.Tensor:
         return self._sum_by_group(weight).index_select(-1, self.slot_src)

@@ -20,6 +20,7 @@ import torch
 
 from .data import calibration_windows, default_calibration_dataset
 from .engine import BlockwiseEngine, load_layer_state
+from .gpu_monitor import UtilizationSampler
 from .methods import QuantConfig, make_method
 from .models import LoadedModel, load_model
 
@@ -75,11 +76,16 @@ def quantize_to_run(
     on_gpu = torch.device(device).type == "cuda"
     if on_gpu:
         torch.cuda.reset_peak_memory_stats()
+    engine = BlockwiseEngine(loaded.model, loaded.adapter, device, run_dir / "layers", calib.batch_size)
     start = time.time()
-    BlockwiseEngine(loaded.model, loaded.adapter, device, run_dir / "layers", calib.batch_size).run(qmethod, calib_ids)
-    stats = {"calib_seconds": round(time.time() - start, 2), "device": str(device), "concurrent_jobs": concurrent_jobs}
+    with UtilizationSampler(device) as busy:
+        engine.run(qmethod, calib_ids)
+    stats = {"calib_seconds": round(time.time() - start, 2), "device": str(device), "concurrent_jobs": concurrent_jobs,
+             "layers_per_group": qmethod.layers_per_group,
+             "group_seconds": [round(t, 3) for t in engine.group_seconds]}
     if on_gpu:
         stats["peak_gpu_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+        stats["gpu_busy_share"] = None if busy.mean is None else round(busy.mean, 3)
     _write_json(existing, {**record, "status": "complete", "stats": stats})
     return loaded
 

@@ -74,13 +74,25 @@ def test_prequantize_makes_the_runs_the_notebook_reuses(tiny_model_dir, data_dir
 
     env = {**os.environ, "QLLM_DATA_DIR": str(data_dir), "HF_HUB_OFFLINE": "1"}
     args = [sys.executable, "-m", "eval.prequantize", "--profile", "smoke", "--grid", "core", "--model",
-            str(tiny_model_dir), "--only-methods", "rtn", "--jobs", "2", "--run-root", str(tmp_path)]
+            str(tiny_model_dir), "--only-methods", "rtn", "--jobs-per-gpu", "2", "--run-root", str(tmp_path)]
     first = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True)
     assert first.returncode == 0, first.stderr
     expected = [e for e in get_profile("smoke").grid("core") if e.report_method == "rtn"]
-    assert first.stdout.startswith(f"{len(expected)} runs to make with 2 workers")
+    assert first.stdout.startswith(f"{len(expected)} runs to make with 2 workers on no GPU(s)")
     for exp in expected:
         record = read_run(tmp_path / exp.slug())
         assert record["status"] == "complete" and record["stats"]["concurrent_jobs"] == 2
     again = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True)
     assert again.returncode == 0 and again.stdout.startswith("0 runs to make")
+
+    # --evaluate: every run evaluated (stored in the run directories), rows merged into the tables
+    reports = tmp_path / "reports"
+    evaluate = args + ["--evaluate", "--reports-dir", str(reports)]
+    done = subprocess.run(evaluate, cwd=REPO, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    table = pd.read_csv(reports / "tables" / "perplexity.csv")
+    assert len(table) == 2 * len(expected) and set(table.method) == {"rtn"}
+    assert table.windows.eq(8).all() and table.ppl.gt(1).all()
+    assert not (reports / "tables" / "calibration.csv").exists()  # RTN needs no calibration data
+    stored = sorted(p.name for p in (tmp_path / expected[0].slug() / "eval").iterdir())
+    assert stored == ["ppl-ptb-2048-8.json", "ppl-wikitext2-2048-8.json"]

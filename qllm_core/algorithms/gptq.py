@@ -133,13 +133,6 @@ def transformed_weight(qlinear: QuantLinear) -> torch.Tensor:
     return w if qlinear.input_transform is None else qlinear.input_transform.transform_weight(w)
 
 
-@torch.no_grad()
-def store_quantized_weight(qlinear: QuantLinear, quantized: torch.Tensor) -> None:
-    """Make ``quantized`` the frozen effective weight of ``qlinear`` (what freeze_weight stores)."""
-    qlinear.weight = nn.Parameter(quantized.detach().clone(), requires_grad=False)
-    qlinear.weight_frozen.fill_(True)
-
-
 # GPTQ's "true sequential" order inside a LLaMA block: each group's inputs depend on the groups
 # quantized before it.
 SEQUENTIAL_GROUPS: tuple[tuple[str, ...], ...] = (("q_proj", "k_proj", "v_proj"), ("o_proj",),
@@ -171,4 +164,4 @@ def gptq_quantize_layer(layer: nn.Module, ctx: LayerContext, blocksize: int = 12
             qlinear = linears[role]
             quantized = gptq_quantize_weight(transformed_weight(qlinear), acc.hessians[role],
                                              qlinear.weight_quantizer, blocksize, percdamp, act_order)
-            store_quantized_weight(qlinear, quantized)
+            qlinear.set_frozen_weight(quantized.detach().clone())

@@ -13,7 +13,7 @@ from typing import ClassVar
 
 from torch import nn
 
-from ..adapters import LINEAR_ROLES, ModelAdapter
+from ..adapters import INPUT_GROUPS, ModelAdapter
 from ..attention import KVQuantHook, enable_attention_hooks, set_attention_hook
 from ..engine import LayerContext, LayerGroup
 from ..quant import OFF_BITS, QuantLinear, Quantizer, check_bits
@@ -92,6 +92,9 @@ class QuantMethod:
     def __init__(self, quant: QuantConfig, **options):
         self.quant = quant
         self.options = options
+        # Keyword arguments for qllm_core.training.train_block (graph=..., compile_quantizers=...):
+        # how a trained method's steps are executed, not what they compute; so not saved in the run.
+        self.trainer: dict = {}
 
     def config(self) -> dict:
         return {"method": self.name, "quant": self.quant.to_dict(), "options": dict(self.options)}
@@ -100,11 +103,14 @@ class QuantMethod:
         enable_attention_hooks(model)
 
     def build_layer(self, index: int, layer: nn.Module, adapter: ModelAdapter) -> None:
-        """Replace the layer's linears by QuantLinear and attach the KV quantizer."""
-        for role in LINEAR_ROLES:
-            linear = adapter.linear(layer, role)
-            adapter.set_linear(layer, role, QuantLinear(
-                linear, self.quant.weight_quantizer(linear.out_features), self.quant.act_quantizer()))
+        """Replace the layer's linears by QuantLinear (one activation quantizer per input tensor) and
+        attach the KV quantizer."""
+        for roles in INPUT_GROUPS.values():
+            act_quantizer = self.quant.act_quantizer()
+            for role in roles:
+                linear = adapter.linear(layer, role)
+                adapter.set_linear(layer, role, QuantLinear(
+                    linear, self.quant.weight_quantizer(linear.out_features), act_quantizer))
         if self.quant.kv_bits != OFF_BITS:
             set_attention_hook(adapter.attention(layer),
                                KVQuantHook(self.quant.kv_quantizer(), self.quant.kv_quantizer()))

@@ -33,15 +33,10 @@ calibration) and raises.
 """
 from __future__ import annotations
 
-import logging
-import math
-
 import torch
 from torch import nn
-from torch.nn import functional as F
-from torch.nn.utils import parametrize
 
-from ..adapters import ModelAdapter
+from ..adapters import INPUT_GROUPS, ModelAdapter
 from ..algorithms.gptq import gptq_quantize_layer
 from ..algorithms.smoothing import smoothing_scales, weight_column_absmax
 from ..attention import enable_attention_hooks, set_attention_hook
@@ -49,10 +44,9 @@ from ..calib_stats import input_channel_absmax
 from ..engine import LayerContext
 from ..quant import OFF_BITS, QuantLinear, Quantizer, quantizers_off
 from ..transforms.kronecker import KroneckerTransform, factor_sizes, inverse_transpose
-from ..transforms.learnable import HeadOutputTransform, LearnableFactor, LearnableKronecker
+from ..training import BlockTraining, train_block
+from ..transforms.learnable import HeadOutputTransform, LayerFactors, LearnableFactor, LearnableKronecker
 from .base import QuantMethod, quant_linears, resolve_options
-
-log = logging.getLogger(__name__)
 
 # Paper / official script defaults (methods.md section 2, "Calibration" and "Script defaults").
 DEFAULTS = {
@@ -172,14 +166,15 @@ class FlatQuantMethod(QuantMethod):
         up = KroneckerTransform.for_features(adapter.hidden_size, keep_scale=keep)
         down = KroneckerTransform.for_features(adapter.intermediate_size, keep_scale=keep)
         o = KroneckerTransform(adapter.num_heads, adapter.head_dim, online_right=False)
-        transforms = {"q_proj": ln, "k_proj": ln, "v_proj": ln, "o_proj": o, "gate_proj": up, "up_proj": up,
-                      "down_proj": down}
-        for role, transform in transforms.items():
+        site_transforms = {"qkv": ln, "o": o, "gate_up": up, "down": down}
+        for site, transform in site_transforms.items():
             transform.to(dtype)
-            linear = adapter.linear(layer, role)
-            adapter.set_linear(layer, role, QuantLinear(
-                linear, self.quant.weight_quantizer(linear.out_features, self.settings["lwc"]),
-                self.quant.act_quantizer(self.settings["lac"]), transform))
+            act_quantizer = self.quant.act_quantizer(self.settings["lac"])  # one LAC per transform, as official
+            for role in INPUT_GROUPS[site]:
+                linear = adapter.linear(layer, role)
+                adapter.set_linear(layer, role, QuantLinear(
+                    linear, self.quant.weight_quantizer(linear.out_features, self.settings["lwc"]), act_quantizer,
+                    transform))
         if self.quant.kv_bits != OFF_BITS:
             clip = () if self.settings["lac"] else None
             kv = [Quantizer(self.quant.kv_bits, not self.quant.kv_asym, learnable_clip_shape=clip) for _ in range(2)]
@@ -231,12 +226,7 @@ class FlatQuantMethod(QuantMethod):
 
     def _train(self, layer: nn.Module, ctx: LayerContext, trans: LayerTransforms) -> None:
         s = self.settings
-        n = ctx.fp_inputs.shape[0]
-        bsz = min(s["batch_size"], n)
-        steps_per_epoch = n // bsz
-        total = s["epochs"] * steps_per_epoch
-        if total == 0:
-            return
+        bsz = min(s["batch_size"], ctx.fp_inputs.shape[0])
         groups = []
         parts = trans.groups()
         if s["cali_trans"]:
@@ -248,37 +238,19 @@ class FlatQuantMethod(QuantMethod):
             groups.append({"params": clips, "lr": s["flat_lr"] * s["clip_lr_mult"]})
         if not groups:
             return
-        for g in groups:
-            for p in g["params"]:
-                p.requires_grad_(True)
-        optimizer = torch.optim.AdamW(groups)
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total, eta_min=s["flat_lr"] * 1e-3)
-        cuda = ctx.device.type == "cuda"
-        amp_dtype = AMP_DTYPES[s["amp_dtype"]]
-        scaler = torch.amp.GradScaler("cuda", enabled=cuda and amp_dtype == torch.float16)
-        for epoch in range(s["epochs"]):
-            losses = []  # kept on the device: one host sync per epoch, not per step
-            for step in range(steps_per_epoch):
-                sl = slice(step * bsz, (step + 1) * bsz)
-                x, target = ctx.fp_inputs[sl].to(ctx.device), ctx.fp_outputs[sl].to(ctx.device)
-                # cached(): each Cayley factor is computed once per step, not once per use (x ~5 fewer solves)
-                with parametrize.cached():
-                    with torch.autocast(ctx.device.type, dtype=amp_dtype, enabled=cuda):
-                        out = ctx.forward(layer, x)
-                    loss = F.mse_loss(out.float(), target.float())
-                    optimizer.zero_grad(set_to_none=True)
-                    scaler.scale(loss / loss.detach().clamp(min=1e-30)).backward()
-                losses.append(loss.detach())
-                scaler.step(optimizer)
-                scaler.update()
-                scheduler.step()
-            epoch_loss = torch.stack(losses).mean().item()
-            if not math.isfinite(epoch_loss):
-                raise FloatingPointError(f"FlatQuant layer {ctx.index}: non-finite loss in epoch {epoch}")
-            log.info("flatquant layer %d epoch %d: mse %.3e", ctx.index, epoch, epoch_loss)
-        for p in trans.parameters():
-            p.requires_grad_(False)
-        for p in clips:
+        trained = [p for g in groups for p in g["params"]]
+        trans.requires_grad_(False)  # untrained parts (cali_trans off) need no gradients
+        for p in trained:
+            p.requires_grad_(True)
+        job = BlockTraining(
+            name=f"FlatQuant layer {ctx.index}", module=layer, kwargs=ctx.layer_kwargs, param_groups=groups,
+            inputs=ctx.fp_inputs, targets=ctx.fp_outputs, epochs=s["epochs"], batch_size=bsz, drop_last=True,
+            scheduler=lambda opt, total: torch.optim.lr_scheduler.CosineAnnealingLR(
+                opt, T_max=total, eta_min=s["flat_lr"] * 1e-3),
+            amp_dtype=AMP_DTYPES[s["amp_dtype"]], normalise_loss=True,
+            forward_context=LayerFactors(trans).cached)  # each Cayley factor once per step, batched
+        self.train_stats = train_block(job, ctx.device, **self.trainer)
+        for p in trained:
             p.requires_grad_(False)
 
     @staticmethod

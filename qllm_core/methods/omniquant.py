@@ -14,13 +14,12 @@ full OmniQuant numbers in the papers' tables (they use LWC+LET).
 """
 from __future__ import annotations
 
-import torch
 from torch import nn
-from torch.nn import functional as F
 
 from ..adapters import LINEAR_ROLES, ModelAdapter
 from ..engine import LayerContext
 from ..quant import QuantLinear
+from ..training import BlockTraining, train_block
 from .base import QuantConfig, QuantMethod, quant_linears
 
 
@@ -59,18 +58,13 @@ class OmniQuantLWCMethod(QuantMethod):
         saved = {name: p.requires_grad for name, p in layer.named_parameters()}
         for p in layer.parameters():
             p.requires_grad_(id(p) in trainable)
-        opt = torch.optim.AdamW(params, lr=self.options["lr"], weight_decay=self.options["weight_decay"])
-        bs, n = self.options["batch_size"], ctx.quant_inputs.shape[0]
+        job = BlockTraining(
+            name=f"OmniQuant layer {ctx.index}", module=layer, kwargs=ctx.layer_kwargs,
+            param_groups=[{"params": params, "lr": self.options["lr"]}], inputs=ctx.quant_inputs,
+            targets=ctx.fp_outputs, epochs=self.options["epochs"], batch_size=self.options["batch_size"],
+            weight_decay=self.options["weight_decay"])
         try:
-            with torch.enable_grad():
-                for _ in range(self.options["epochs"]):
-                    for start in range(0, n, bs):
-                        x = ctx.quant_inputs[start:start + bs].to(ctx.device)
-                        target = ctx.fp_outputs[start:start + bs].to(ctx.device)
-                        loss = F.mse_loss(ctx.forward(layer, x), target)
-                        opt.zero_grad(set_to_none=True)
-                        loss.backward()
-                        opt.step()
+            self.train_stats = train_block(job, ctx.device, **self.trainer)
         finally:
             for name, p in layer.named_parameters():
                 p.requires_grad_(saved[name])

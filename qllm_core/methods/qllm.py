@@ -48,6 +48,7 @@ from ..calib_stats import capture_inputs, input_channel_absmax
 from ..engine import LayerContext, LayerGroup
 from ..quant import QuantLinear, quantizers_off
 from ..reassembly import ChannelReassembly, ReassemblyPlan, find_threshold
+from ..training import BlockTraining, train_block
 from .base import QuantMethod, quant_linears, resolve_options
 
 # Reassembly sites: the linears reading one input tensor (adapters.INPUT_GROUPS), o_proj excluded.
@@ -164,17 +165,17 @@ class QLLMMethod(QuantMethod):
         for site, roles in SITES.items():
             linears = [adapter.linear(layer, role) for role in roles]
             transform: ChannelReassembly = linears[0].input_transform
-            x = features[site].to(ctx.device)
+            x = features[site]
             with quantizers_off(layer):
                 reference = site_output(layer, site, x, ctx)
 
-            def objective(plan: ReassemblyPlan) -> float:
+            def objective(plan: ReassemblyPlan) -> torch.Tensor:  # left on the device: no sync per candidate
                 transform.set_plan(plan)
-                return F.mse_loss(site_output(layer, site, x, ctx), reference).item()
+                return F.mse_loss(site_output(layer, site, x, ctx), reference)
 
             weight = torch.cat([lin.weight for lin in linears]).detach()
-            result = find_threshold(absmax[site], x.cpu(), weight.cpu(), objective,
-                                    self.opt["channel_ratio"], self.opt["max_candidates"])
+            result = find_threshold(absmax[site], x, weight, objective, self.opt["channel_ratio"],
+                                    self.opt["max_candidates"])
             transform.set_plan(result.plan)
             fold_scale(layer, site, transform, adapter)
             self.search_log[site] = {"theta": result.theta, "added": result.plan.num_added, "error": result.error,
@@ -189,27 +190,13 @@ class QLLMMethod(QuantMethod):
         deltas = [attach_low_rank(q, self.opt["rank"], generator) for q in qlinears]
         params = [p for d in deltas for p in d.parameters()]
         inputs = ctx.quant_inputs if ctx.quant_inputs is not None else ctx.fp_inputs
-        n, bs = inputs.shape[0], self.opt["batch_size"]
-        steps = self.opt["epochs"] * math.ceil(n / bs)
-        optimizer = torch.optim.AdamW(params, lr=self.opt["lr"], weight_decay=0.0)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1.0 - s / steps))
-        self.train_log = []
-        with torch.enable_grad():
-            for _ in range(self.opt["epochs"]):
-                order = torch.randperm(n, generator=generator)
-                total = 0.0
-                for start in range(0, n, bs):
-                    idx = order[start : start + bs]
-                    out = ctx.forward(layer, inputs[idx].to(ctx.device))
-                    loss = F.mse_loss(out, ctx.fp_outputs[idx].to(ctx.device))
-                    if not torch.isfinite(loss):
-                        raise FloatingPointError(f"QLLM error correction: non-finite loss in layer {ctx.index}")
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                    schedule.step()
-                    total += loss.item() * idx.numel()
-                self.train_log.append(total / n)
+        job = BlockTraining(
+            name=f"QLLM error correction, layers from {ctx.index}", module=layer, kwargs=ctx.layer_kwargs,
+            param_groups=[{"params": params, "lr": self.opt["lr"]}], inputs=inputs, targets=ctx.fp_outputs,
+            epochs=self.opt["epochs"], batch_size=self.opt["batch_size"], weight_decay=0.0, shuffle=generator,
+            scheduler=lambda opt, total: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1.0 - s / total)))
+        self.train_stats = train_block(job, ctx.device, **self.trainer)
+        self.train_log = self.train_stats.epoch_losses
         for q in qlinears:
             fuse_low_rank(q, self.opt["requantize"])
         for p, flag in grad_flags.items():

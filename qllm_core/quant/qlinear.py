@@ -9,14 +9,38 @@ QuaRot's Hadamard) and ``T_w`` its weight-side counterpart, so that in full prec
 ``T(x) · T_w(W)ᵀ == x · Wᵀ``. During calibration ``T_w(W)`` and ``Q_w`` are evaluated on every
 call so gradients reach transforms and clipping; :meth:`QuantLinear.freeze_weight` then stores
 the quantized effective weight once, which is what inference (and a saved run) uses.
+
+The linears reading one tensor (q/k/v, gate/up) share their activation quantizer, and where they
+have one, their input transform: the quantized input ``Q_a(T(x))`` is the same for all of them.
+Inside :func:`shared_inputs` (a training step) it is computed once per tensor and reused; outside,
+every linear computes it (nothing can go stale when a transform or a plan changes between calls).
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from .quantizer import Quantizer
+
+
+_MEMO: dict = {"inputs": None}
+
+
+@contextlib.contextmanager
+def shared_inputs():
+    """Within the block, each (input tensor, transform, quantizer) is transformed and quantized once.
+
+    Only for a span in which no parameter, buffer or plan changes (one forward pass).
+    """
+    previous = _MEMO["inputs"]
+    _MEMO["inputs"] = {}
+    try:
+        yield
+    finally:
+        _MEMO["inputs"] = previous
 
 
 class QuantLinear(nn.Module):
@@ -37,32 +61,54 @@ class QuantLinear(nn.Module):
         self.weight_quantizer = weight_quantizer
         self.act_quantizer = act_quantizer
         self.input_transform = input_transform
-        # Persisted flag: True once `weight` holds the quantized effective weight.
+        # Persisted flag: True once `weight` holds the quantized effective weight. `frozen` mirrors it
+        # on the host, so a forward pass never reads a device tensor (a host sync in every call).
         self.register_buffer("weight_frozen", torch.tensor(False))
+        self.frozen = False
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.frozen = bool(self.weight_frozen)
 
     def effective_weight(self) -> torch.Tensor:
         """The weight the GEMM uses: transformed to match the online input transform, quantized."""
-        if bool(self.weight_frozen):
+        if self.frozen:
             return self.weight
         w = self.weight
         if self.input_transform is not None:
             w = self.input_transform.transform_weight(w)
         return self.weight_quantizer(w)
 
+    def quantized_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``Q_a(T(x))``, reused inside :func:`shared_inputs` by the linears that share T and Q_a."""
+        memo = _MEMO["inputs"]
+        online = getattr(self.input_transform, "online", self.input_transform)  # the activation side
+        key = (id(x), id(online), id(self.act_quantizer))
+        if memo is not None and key in memo:
+            return memo[key][1]
+        out = self.act_quantizer(x if self.input_transform is None else self.input_transform(x))
+        if memo is not None:
+            memo[key] = (x, out)  # x stays referenced, so its id cannot be reused within the span
+        return out
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.input_transform is not None:
-            x = self.input_transform(x)
-        x = self.act_quantizer(x)
+        x = self.quantized_input(x)
         w = self.effective_weight()
         return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     @torch.no_grad()
     def freeze_weight(self) -> None:
         """Replace ``weight`` by its transformed, quantized value (done once after calibration)."""
-        if bool(self.weight_frozen):
+        if self.frozen:
             return
-        self.weight = nn.Parameter(self.effective_weight().detach().clone(), requires_grad=False)
+        self.set_frozen_weight(self.effective_weight().detach().clone())
+
+    @torch.no_grad()
+    def set_frozen_weight(self, weight: torch.Tensor) -> None:
+        """Store ``weight`` as the quantized effective weight (used as is from now on)."""
+        self.weight = nn.Parameter(weight, requires_grad=False)
         self.weight_frozen.fill_(True)
+        self.frozen = True
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, frozen={bool(self.weight_frozen)}"
+        return f"in={self.in_features}, out={self.out_features}, frozen={self.frozen}"

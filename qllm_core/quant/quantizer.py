@@ -13,10 +13,17 @@ Rounding uses the straight-through estimator (STE), so learnable clipping (FlatQ
 OmniQuant's LWC; methods.md section 1) receives gradients through the scale.
 The asymmetric range always contains zero (GPTQ convention), which makes all-zero and constant
 groups exact instead of dividing by a zero range.
+
+Inside :func:`compiled_fake_quant` (the calibration trainer on a GPU) a quantizer's whole forward
+(clip factors, scale, round, clamp, dequantize) and its backward run as one compiled
+(``torch.compile``/inductor) function: about 25 elementwise and reduction kernels per quantizer
+and step become 3-4. The arithmetic is the same function; ``emulate_precision_casts`` makes the
+fused kernels round half-precision intermediates where eager PyTorch does.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 from torch import nn
@@ -106,6 +113,48 @@ def quantize_to_codes(
     return codes.to(dtype).reshape(x.shape), scale, zero
 
 
+def clip_factors(clip_ratio: float, clip_max_logit: torch.Tensor | None, clip_min_logit: torch.Tensor | None,
+                 ) -> tuple[torch.Tensor | float, torch.Tensor | float | None]:
+    """Multipliers of the group max / min: ``clip_ratio``, times ``sigmoid(logit)`` when clipping is learned."""
+    if clip_max_logit is None:
+        return clip_ratio, None
+    cmin = None if clip_min_logit is None else clip_ratio * torch.sigmoid(clip_min_logit)
+    return clip_ratio * torch.sigmoid(clip_max_logit), cmin
+
+
+def quantize_with_clip(
+    x: torch.Tensor, bits: int, symmetric: bool, group_size: int | None, clip_ratio: float,
+    clip_max_logit: torch.Tensor | None, clip_min_logit: torch.Tensor | None,
+) -> torch.Tensor:
+    """:func:`fake_quantize` with the clip factors of :func:`clip_factors` (a Quantizer's forward)."""
+    cmax, cmin = clip_factors(clip_ratio, clip_max_logit, clip_min_logit)
+    return fake_quantize(x, bits, symmetric, group_size, cmax, cmin)
+
+
+_COMPILE = {"active": False}
+
+
+@functools.cache
+def _compiled_quantize_with_clip():
+    import torch._dynamo
+
+    # One compiled variant per (shape, dtype, bits, symmetry, clip) combination a calibration meets.
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    return torch.compile(quantize_with_clip, dynamic=False, fullgraph=True,
+                         options={"emulate_precision_casts": True})
+
+
+@contextlib.contextmanager
+def compiled_fake_quant(enabled: bool = True):
+    """Within the block, quantizers on CUDA tensors run compiled (module docstring)."""
+    previous = _COMPILE["active"]
+    _COMPILE["active"] = enabled
+    try:
+        yield
+    finally:
+        _COMPILE["active"] = previous
+
+
 class Quantizer(nn.Module):
     """A fake quantizer module with optional learnable clipping.
 
@@ -151,17 +200,15 @@ class Quantizer(nn.Module):
         return self.bits != OFF_BITS
 
     def clip_factors(self) -> tuple[torch.Tensor | float, torch.Tensor | float | None]:
-        if self.clip_max_logit is None:
-            return self.clip_ratio, None
-        cmax = self.clip_ratio * torch.sigmoid(self.clip_max_logit)
-        cmin = None if self.clip_min_logit is None else self.clip_ratio * torch.sigmoid(self.clip_min_logit)
-        return cmax, cmin
+        return clip_factors(self.clip_ratio, self.clip_max_logit, self.clip_min_logit)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return x
-        cmax, cmin = self.clip_factors()
-        return fake_quantize(x, self.bits, self.symmetric, self.group_size, cmax, cmin)
+        compiled = _COMPILE["active"] and x.is_cuda
+        quantize = _compiled_quantize_with_clip() if compiled else quantize_with_clip
+        return quantize(x, self.bits, self.symmetric, self.group_size, self.clip_ratio, self.clip_max_logit,
+                        self.clip_min_logit)
 
     def extra_repr(self) -> str:
         kind = "sym" if self.symmetric else "asym"

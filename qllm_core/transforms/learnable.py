@@ -1,11 +1,20 @@
 """FlatQuant's learnable transforms, used while a decoder layer is calibrated.
 
-Each factor is P = U·diag(σ)·Vᵀ with U, V orthogonal through PyTorch's Cayley orthogonal
-parametrization (``torch.nn.utils.parametrizations.orthogonal``, the official code's default,
-methods.md section 2), initialised to seeded random orthogonal matrices and σ = 1. Its weight
-side needs no matrix inverse: P⁻ᵀ = U·diag(1/σ)·Vᵀ exactly (U, V orthogonal), which keeps the
-gradient through the inverse well conditioned as long as σ stays away from 0. The ``direct_inv``
-variant learns an unconstrained matrix and inverts it in float64 on every use.
+Each factor is P = U·diag(σ)·Vᵀ with U, V orthogonal through the Cayley map of PyTorch's orthogonal
+parametrization (``torch.nn.utils.parametrizations.orthogonal(..., orthogonal_map="cayley")``, the
+official code's default, methods.md section 2): U = U₀·(I − A/2)⁻¹(I + A/2) with A = X − Xᵀ from the
+lower triangle of a trained matrix X (zero at start) and U₀ a seeded random orthogonal matrix;
+σ starts at 1. Its weight side needs no matrix inverse: P⁻ᵀ = U·diag(1/σ)·Vᵀ exactly (U, V
+orthogonal), which keeps the gradient through the inverse well conditioned as long as σ stays away
+from 0. The ``direct_inv`` variant learns an unconstrained matrix and inverts it in float64 on every use.
+
+Why the map is written out here rather than taken from ``parametrize``: speed, with the same
+arithmetic (:func:`cayley` is tested against PyTorch's parametrization). ``torch.linalg.solve``
+checks its result for singularity with a host sync, once per factor per use, which stalls a GPU
+training step many times over and forbids capturing it in a CUDA graph; I − A/2 is never singular
+for a skew-symmetric A (its eigenvalues are 1 − iλ/2), so :func:`cayley` solves without the check.
+And :meth:`LayerFactors.cached` computes every factor of a layer once per training step, in one
+batched solve per factor size, instead of one solve per factor use.
 
 After calibration the factors are materialised in float64 (:meth:`LearnableFactor.materialise`)
 and written into a :class:`~qllm_core.transforms.kronecker.KroneckerTransform`, which recomputes
@@ -14,9 +23,11 @@ breaks the FP equivalence of the frozen model.
 """
 from __future__ import annotations
 
+import contextlib
+from collections import defaultdict
+
 import torch
 from torch import nn
-from torch.nn.utils.parametrizations import orthogonal
 
 from .kronecker import kron_apply
 
@@ -27,47 +38,112 @@ def random_orthogonal(n: int, generator: torch.Generator) -> torch.Tensor:
     return (q * torch.sign(torch.diagonal(r))).float()
 
 
-def _cayley_orthogonal(init: torch.Tensor) -> nn.Module:
-    module = nn.Linear(init.shape[0], init.shape[0], bias=False)
-    with torch.no_grad():
-        module.weight.copy_(init)
-    # use_trivialization (default): weight = base · cayley(A) with base = init and A = 0 at start.
-    return orthogonal(module, orthogonal_map="cayley")
+def cayley(x: torch.Tensor) -> torch.Tensor:
+    """(I − A/2)⁻¹(I + A/2) with A = tril(X) − tril(X)ᵀ, batched over leading dims.
+
+    The same operations as PyTorch's Cayley orthogonal map, solved without the singularity check
+    (never needed here, see the module docstring), so no host sync.
+    """
+    lower = x.tril()
+    a = lower - lower.mT
+    eye = torch.eye(x.shape[-1], dtype=x.dtype, device=x.device).expand_as(a)
+    q, _ = torch.linalg.solve_ex(torch.add(eye, a, alpha=-0.5), torch.add(eye, a, alpha=0.5), check_errors=False)
+    return q
 
 
 class LearnableFactor(nn.Module):
-    """One learnable invertible n x n factor: U·diag(σ)·Vᵀ (default) or a free matrix (direct_inv)."""
+    """One learnable invertible n x n factor: U·diag(σ)·Vᵀ (default) or a free matrix (direct_inv).
+
+    U = ``u_base``·cayley(``u_skew``), V likewise (see the module docstring).
+    """
 
     def __init__(self, n: int, generator: torch.Generator, direct_inv: bool = False):
         super().__init__()
         self.n = n
         self.direct_inv = direct_inv
+        self._orthogonal: tuple[torch.Tensor, torch.Tensor] | None = None  # set by LayerFactors.cached
+        self._products: dict[str, torch.Tensor] | None = None  # P, P⁻ᵀ of the step, inside LayerFactors.cached
         if direct_inv:
             self.matrix_param = nn.Parameter(random_orthogonal(n, generator))
         else:
-            self.u = _cayley_orthogonal(random_orthogonal(n, generator))
-            self.v = _cayley_orthogonal(random_orthogonal(n, generator))
+            self.register_buffer("u_base", random_orthogonal(n, generator))
+            self.u_skew = nn.Parameter(torch.zeros(n, n))
+            self.register_buffer("v_base", random_orthogonal(n, generator))
+            self.v_skew = nn.Parameter(torch.zeros(n, n))
             self.sigma = nn.Parameter(torch.ones(n))
+
+    def orthogonal(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(U, V): this step's cached pair, or computed now."""
+        if self._orthogonal is not None:
+            return self._orthogonal
+        return self.u_base @ cayley(self.u_skew), self.v_base @ cayley(self.v_skew)
+
+    def _step_cached(self, name: str, compute) -> torch.Tensor:
+        """``compute()``, once per training step inside :meth:`LayerFactors.cached` (q/k/v use P thrice)."""
+        if self._products is None:
+            return compute()
+        if name not in self._products:
+            self._products[name] = compute()
+        return self._products[name]
 
     def matrix(self) -> torch.Tensor:
         """P (activation side)."""
         if self.direct_inv:
             return self.matrix_param
-        return (self.u.weight * self.sigma) @ self.v.weight.mT
+
+        def compute():
+            u, v = self.orthogonal()
+            return (u * self.sigma) @ v.mT
+        return self._step_cached("matrix", compute)
 
     def inverse_t(self) -> torch.Tensor:
         """P⁻ᵀ (weight side): U·diag(1/σ)·Vᵀ, or a float64 inverse for ``direct_inv``."""
         if self.direct_inv:
             m = self.matrix_param
-            return torch.linalg.inv(m.double()).mT.to(m.dtype)
-        return (self.u.weight / self.sigma) @ self.v.weight.mT
+            inverse, _ = torch.linalg.inv_ex(m.double())  # no host sync; the frozen transform's float64
+            # inverse of the materialised matrix raises on a singular factor
+            return inverse.mT.to(m.dtype)
+
+        def compute():
+            u, v = self.orthogonal()
+            return (u / self.sigma) @ v.mT
+        return self._step_cached("inverse_t", compute)
 
     @torch.no_grad()
     def materialise(self) -> torch.Tensor:
         """P in float64 (U, V, σ combined in float64)."""
         if self.direct_inv:
             return self.matrix_param.double()
-        return (self.u.weight.double() * self.sigma.double()) @ self.v.weight.double().mT
+        u, v = self.orthogonal()
+        return (u.double() * self.sigma.double()) @ v.double().mT
+
+
+class LayerFactors:
+    """All Cayley factors of one layer's transforms, computed together once per training step."""
+
+    def __init__(self, module: nn.Module):
+        factors = [m for m in module.modules() if isinstance(m, LearnableFactor) and not m.direct_inv]
+        self.by_size: dict[int, list[LearnableFactor]] = defaultdict(list)
+        for factor in factors:
+            self.by_size[factor.n].append(factor)
+
+    @contextlib.contextmanager
+    def cached(self):
+        """Within the block every factor's (U, V) comes from one batched solve per factor size, and
+        P, P⁻ᵀ are computed once (only for a span in which the parameters do not change: a step)."""
+        try:
+            for group in self.by_size.values():
+                skews = torch.stack([p for f in group for p in (f.u_skew, f.v_skew)])
+                bases = torch.stack([b for f in group for b in (f.u_base, f.v_base)])
+                pairs = (bases @ cayley(skews)).unbind(0)
+                for i, factor in enumerate(group):
+                    factor._orthogonal = (pairs[2 * i], pairs[2 * i + 1])
+                    factor._products = {}
+            yield
+        finally:
+            for group in self.by_size.values():
+                for factor in group:
+                    factor._orthogonal = factor._products = None
 
 
 class LearnableKronecker(nn.Module):
@@ -115,6 +191,11 @@ class HeadOutputTransform(nn.Module):
         super().__init__()
         self.input_transform = input_transform
         self.head_factor = head_factor
+
+    @property
+    def online(self) -> LearnableKronecker:
+        """The activation side (shared with q/k_proj, see qllm_core.quant.qlinear.shared_inputs)."""
+        return self.input_transform
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.input_transform(x)

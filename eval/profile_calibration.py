@@ -1,0 +1,123 @@
+"""Where a calibration step's time goes: wall vs device time per step, per method and execution mode.
+
+    PYTHONPATH=. python eval/profile_calibration.py --label new --out reports/bench/calib_profile_new.json
+
+Each case runs the real engine and method on a LLaMA-shaped random model (``qllm_core.shapes``) at
+the paper's calibration size (128 x 2048 windows) twice, at 1 and 2 epochs, so that the difference is
+exactly one epoch of training steps: seconds per step (wall) come from the two wall times, device
+(kernel) time and kernel launches per step from two ``torch.profiler`` passes, and a method's
+seconds per layer at its paper epochs = the fixed per-layer work + epochs x one epoch. ``--modes``
+picks the step execution (``qllm_core.training.train_block``): ``eager`` (no graph, no compiled
+quantizers), ``graph`` (CUDA graph), ``graph+compile`` (the default on a GPU). The script only uses
+APIs that also existed before the fast trainer, so ``--label legacy`` with ``PYTHONPATH`` pointing at
+an older checkout measures the old code on the same machine, in the same way.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from qllm_core.adapters import ModelAdapter
+from qllm_core.engine import BlockwiseEngine
+from qllm_core.methods import QuantConfig, make_method
+from qllm_core.shapes import shaped_llama
+
+ASYM_W4A4 = QuantConfig(w_bits=4, a_bits=4, w_asym=True, a_asym=True)
+# case: (method, bits, options, decoder layers in the model, steps per epoch per layer group, paper epochs)
+CASES = {
+    "flatquant": ("flatquant", QuantConfig(w_bits=4, a_bits=4, kv_bits=4), {}, 1, 32, 15),
+    "omniquant": ("omniquant", QuantConfig(w_bits=4, a_bits=4, kv_bits=4, w_asym=True, a_asym=True), {}, 1, 128, 20),
+    "qllm": ("qllm", ASYM_W4A4, {}, 4, 128, 10),  # one 4-layer error-correction group
+    "qllm-search": ("qllm", ASYM_W4A4, {"error_correction": False}, 1, 0, 0),
+}
+TRAINER = {"eager": {"graph": False, "compile_quantizers": False},
+           "graph": {"graph": True, "compile_quantizers": False},
+           "graph+compile": {"graph": True, "compile_quantizers": True}}
+
+
+def run_case(case: str, epochs: int, mode: str, shape: str, nsamples: int, seqlen: int, profile: bool) -> dict:
+    method_name, bits, options, layers, _, _ = CASES[case]
+    if case != "qllm-search":
+        options = {**options, "epochs": epochs}
+    model = shaped_llama(shape, layers=layers, vocab_size=1024)
+    ids = torch.randint(0, 1024, (nsamples, seqlen), generator=torch.Generator().manual_seed(0))
+    method = make_method(method_name, bits, **options)
+    method.trainer = TRAINER[mode]  # an attribute the legacy code ignores
+    engine = BlockwiseEngine(model, ModelAdapter(model), "cuda", None, batch_size=8)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    if not profile:
+        engine.run(method, ids)
+        torch.cuda.synchronize()
+        return {"wall_s": time.perf_counter() - start}
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        engine.run(method, ids)
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return {"device_s": sum(e.time_range.elapsed_us() for e in kernels) / 1e6, "kernels": len(kernels)}
+
+
+def measure(case: str, mode: str, args) -> dict:
+    *_, layers, steps_per_epoch, paper_epochs = CASES[case]
+    epochs = (0,) if case == "qllm-search" else (1, 2)
+    common = (args.shape, args.nsamples, args.seqlen)
+    if "compile" in mode:  # compile every quantizer variant of the case before timing
+        run_case(case, epochs[0], mode, args.shape, 8, args.seqlen, False)
+    walls = [run_case(case, e, mode, *common, False)["wall_s"] for e in epochs]
+    row = {"case": case, "mode": mode, "layers": layers, "wall_s": [round(w, 3) for w in walls]}
+    if case == "qllm-search":
+        row["seconds_per_layer"] = round(walls[0] / layers, 3)
+        return row
+    try:
+        profiles = [run_case(case, e, mode, *common, True) for e in epochs] if args.profile else None
+    except RuntimeError as err:  # the profiler and CUDA graph capture do not always get along
+        profiles, row["profile_error"] = None, repr(err)[:300]
+    epoch_s = walls[1] - walls[0]
+    fixed_s = walls[0] - epoch_s
+    row.update(steps_per_epoch=steps_per_epoch, ms_per_step_wall=round(1e3 * epoch_s / steps_per_epoch, 3),
+               seconds_per_layer_paper=round((fixed_s + paper_epochs * epoch_s) / layers, 2),
+               paper_epochs=paper_epochs)
+    if profiles:
+        device_epoch = profiles[1]["device_s"] - profiles[0]["device_s"]
+        row.update(ms_per_step_device=round(1e3 * device_epoch / steps_per_epoch, 3),
+                   kernels_per_step=round((profiles[1]["kernels"] - profiles[0]["kernels"]) / steps_per_epoch),
+                   device_share=round(device_epoch / epoch_s, 3))
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--label", required=True, help="implementation label in the output (legacy, new)")
+    parser.add_argument("--cases", nargs="*", default=list(CASES))
+    parser.add_argument("--modes", nargs="*", default=["graph+compile"], choices=list(TRAINER))
+    parser.add_argument("--shape", default="smollm2-135m")
+    parser.add_argument("--nsamples", type=int, default=128)
+    parser.add_argument("--seqlen", type=int, default=2048)
+    parser.add_argument("--no-profile", dest="profile", action="store_false")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "python": platform.python_version(),
+            "shape": args.shape, "nsamples": args.nsamples, "seqlen": args.seqlen}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rows = []
+    run_case("flatquant", 1, "eager", args.shape, 8, args.seqlen, False)  # warm-up: CUDA context, cuBLAS
+    for case in args.cases:
+        for mode in args.modes:
+            try:
+                row = {"impl": args.label, **measure(case, mode, args)}
+            except Exception as err:  # record it and measure the rest
+                row = {"impl": args.label, "case": case, "mode": mode, "error": repr(err)[:500]}
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+            out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))  # what is done survives a timeout
+
+
+if __name__ == "__main__":
+    main()

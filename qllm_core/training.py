@@ -1,0 +1,228 @@
+"""The block-wise training loop of every trained method, fast on a GPU.
+
+FlatQuant (transforms, scales, clipping), OmniQuant (learnable weight clipping) and QLLM's error
+correction (low-rank adapters) all train a few parameters of one decoder layer, or a group of
+layers, for hundreds of small steps: forward a batch of calibration windows, MSE against the FP
+target, backward, AdamW, learning-rate schedule. On an H100 such a step of a d = 576 block is about a
+millisecond of arithmetic, yet it took ~65 ms (issue 9's profile): kernel launches, Python and
+host syncs set the pace. :func:`train_block` runs the same loop with
+
+* no host sync inside an epoch: losses accumulate on the device and are read once per epoch;
+* learning rates precomputed from the method's own torch scheduler (:func:`lr_table`: the values
+  stepping it would give) and written into the optimizer before each step;
+* on CUDA, AdamW with tensor learning rates in its fused form, and fp16 loss scaling by torch's
+  ``GradScaler``, which with a fused optimizer finds infs and skips steps on the device;
+* on CUDA, the whole step (forward, loss, backward, optimizer, loss scaler) captured once in a
+  CUDA graph (``torch.cuda.graphs``) after ``WARMUP_STEPS`` eager steps, which are real steps of
+  the run, and replayed for every later step: one launch per step instead of ~1000;
+* the quantized input of the linears reading one tensor (q/k/v, gate/up) computed once per step
+  (:func:`~qllm_core.quant.qlinear.shared_inputs`), as the official codes apply one transform and
+  one activation quantizer per tensor;
+* optionally on CUDA, fake quantizers compiled (:func:`~qllm_core.quant.compiled_fake_quant`).
+
+The numerics are the method's: same loss, optimizer, schedule, epochs and autocast. On the CPU the
+loop is the plain eager one (tests compare it with a straightforward reference loop); on CUDA the
+graph replays the kernels of the eager step (tests compare the two on a GPU).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .engine import call_layer
+from .quant import compiled_fake_quant, shared_inputs
+
+WARMUP_STEPS = 2  # eager steps before the CUDA graph is captured (lazy optimizer/scaler state)
+
+SchedulerFactory = Callable[[torch.optim.Optimizer, int], torch.optim.lr_scheduler.LRScheduler]
+
+
+@dataclass
+class TrainingStats:
+    """What a :func:`train_block` call did: per-epoch mean loss and where its time went."""
+
+    epoch_losses: list[float] = field(default_factory=list)
+    steps: int = 0
+    wall_seconds: float = 0.0
+    graph_steps: int = 0  # steps replayed from the CUDA graph
+
+
+@dataclass
+class BlockTraining:
+    """One block-wise training run: what to train, on what, and with which recipe.
+
+    Args:
+        name: for messages (e.g. "flatquant layer 3").
+        module: the layer (or :class:`~qllm_core.engine.LayerGroup`) whose output is trained.
+        kwargs: the keyword arguments the engine passes to every layer (rotary embeddings...).
+        param_groups: AdamW groups ``{"params": [...], "lr": float}``.
+        inputs, targets: ``(n, tokens, hidden)`` calibration inputs and FP targets (any device).
+        epochs, batch_size: passes over the ``n`` windows and windows per step.
+        weight_decay: AdamW's (torch's default 0.01 unless the method says otherwise).
+        scheduler: ``(optimizer, total_steps) -> LRScheduler`` stepped after every step, or None.
+        shuffle: a generator for a fresh permutation of the windows every epoch (QLLM), or None
+            for the windows in order.
+        drop_last: drop a last partial batch (FlatQuant: ``n // batch_size`` steps per epoch).
+        amp_dtype: autocast dtype on CUDA (float16 adds loss scaling), None for float32.
+        normalise_loss: backpropagate ``loss / loss.detach()`` (FlatQuant).
+        forward_context: entered around every forward pass (FlatQuant: this step's factors).
+    """
+
+    name: str
+    module: nn.Module
+    kwargs: dict
+    param_groups: list[dict]
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    epochs: int
+    batch_size: int
+    weight_decay: float = 1e-2
+    scheduler: SchedulerFactory | None = None
+    shuffle: torch.Generator | None = None
+    drop_last: bool = False
+    amp_dtype: torch.dtype | None = None
+    normalise_loss: bool = False
+    forward_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+
+    @property
+    def steps_per_epoch(self) -> int:
+        n = self.inputs.shape[0]
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+
+def lr_table(base_lrs: list[float], scheduler: SchedulerFactory | None, total: int) -> list[list[float]]:
+    """Each step's learning rate per group: what ``scheduler`` gives when stepped after every step."""
+    if scheduler is None:
+        return [list(base_lrs)] * total
+    dummy = torch.optim.SGD([{"params": [torch.zeros(1, requires_grad=True)], "lr": lr} for lr in base_lrs])
+    sched = scheduler(dummy, total)
+    table = []
+    for _ in range(total):
+        table.append([group["lr"] for group in dummy.param_groups])
+        dummy.step()  # no gradients: a no-op that keeps the scheduler's call-order check quiet
+        sched.step()
+    return table
+
+
+def _batches(job: BlockTraining, device: torch.device):
+    """Per epoch, the list of (start, stop) slices or index tensors of its steps."""
+    n, bs = job.inputs.shape[0], job.batch_size
+    for _ in range(job.epochs):
+        if job.shuffle is None:
+            yield [slice(s, s + bs) for s in range(0, job.steps_per_epoch * bs, bs)]
+            continue
+        order = torch.randperm(n, generator=job.shuffle)
+        if bs == 1:  # plain slices: no index tensor to send to the device every step
+            yield [slice(i, i + 1) for i in order.tolist()]
+        else:
+            order = order.to(device if job.inputs.device == device else "cpu")
+            yield [order[s : s + bs] for s in range(0, job.steps_per_epoch * bs, bs)]
+
+
+class _Step:
+    """One training step on static tensors: what is run eagerly and what the CUDA graph captures."""
+
+    def __init__(self, job: BlockTraining, device: torch.device):
+        self.job = job
+        self.device = device
+        cuda = device.type == "cuda"
+        self.autocast = cuda and job.amp_dtype is not None
+        groups = [{**g, "lr": torch.tensor(g["lr"], device=device) if cuda else g["lr"]} for g in job.param_groups]
+        # fused (CUDA): one kernel for all parameters, and GradScaler's inf check stays on the device;
+        # capturable: the step may be recorded in a CUDA graph.
+        self.optimizer = torch.optim.AdamW(groups, weight_decay=job.weight_decay, fused=True if cuda else None,
+                                           capturable=cuda)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.autocast and job.amp_dtype == torch.float16)
+        self.loss_sum = torch.zeros((), device=device)
+
+    def set_lr(self, lrs: list[float]) -> None:
+        for group, lr in zip(self.optimizer.param_groups, lrs):
+            if torch.is_tensor(group["lr"]):
+                group["lr"].fill_(lr)
+            else:
+                group["lr"] = lr
+
+    def __call__(self, x: torch.Tensor, target: torch.Tensor) -> None:
+        job = self.job
+        with torch.autocast(self.device.type, dtype=job.amp_dtype or torch.float32, enabled=self.autocast,
+                            cache_enabled=False), job.forward_context(), shared_inputs():
+            out = call_layer(job.module, x, job.kwargs)
+        loss = F.mse_loss(out.float(), target.float())
+        objective = loss / loss.detach().clamp(min=1e-30) if job.normalise_loss else loss
+        self.scaler.scale(objective).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.loss_sum += loss.detach()
+
+
+def train_block(job: BlockTraining, device: torch.device, graph: bool | None = None,
+                compile_quantizers: bool = False) -> TrainingStats:
+    """Train ``job.param_groups`` (module docstring); parameters are updated in place.
+
+    ``graph``: None means "on CUDA". ``compile_quantizers`` is opt-in (not yet timed on the H100;
+    its first steps pay for compilation). Both need CUDA. A non-finite epoch loss raises
+    FloatingPointError naming ``job.name``.
+    """
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    graph = cuda if graph is None else graph
+    if (graph or compile_quantizers) and not cuda:
+        raise ValueError("CUDA graphs and compiled quantizers need a CUDA device")
+    stats = TrainingStats()
+    total = job.epochs * job.steps_per_epoch
+    if total == 0:
+        return stats
+    start = time.perf_counter()
+    step = _Step(job, device)
+    lrs = lr_table([g["lr"] for g in job.param_groups], job.scheduler, total)
+    # CUDA: every step runs on a side stream, as graph capture wants its warm-up steps to.
+    stream = torch.cuda.Stream(device) if cuda else None
+    if stream is not None:
+        stream.wait_stream(torch.cuda.current_stream(device))
+    static_x = static_t = cuda_graph = None
+    with torch.enable_grad(), compiled_fake_quant(compile_quantizers), torch.cuda.stream(stream):
+        for batches in _batches(job, device):
+            for index in batches:
+                step.set_lr(lrs[stats.steps])
+                x, target = job.inputs[index], job.targets[index]
+                if cuda_graph is not None and x.shape == static_x.shape:
+                    static_x.copy_(x, non_blocking=True)
+                    static_t.copy_(target, non_blocking=True)
+                    cuda_graph.replay()
+                    stats.graph_steps += 1
+                else:
+                    step.optimizer.zero_grad(set_to_none=True)
+                    step(x.to(device), target.to(device))
+                stats.steps += 1
+                if graph and cuda_graph is None and stats.steps == WARMUP_STEPS:
+                    static_x, static_t = x.to(device, copy=True), target.to(device, copy=True)
+                    cuda_graph = _capture(step, static_x, static_t)
+            epoch_loss = step.loss_sum.item() / len(batches)  # the one host sync of an epoch
+            step.loss_sum.zero_()
+            if not math.isfinite(epoch_loss):
+                raise FloatingPointError(f"{job.name}: non-finite loss in epoch {len(stats.epoch_losses)}")
+            stats.epoch_losses.append(epoch_loss)
+    if stream is not None:
+        torch.cuda.current_stream(device).wait_stream(stream)
+    stats.wall_seconds = time.perf_counter() - start
+    return stats
+
+
+def _capture(step: _Step, static_x: torch.Tensor, static_t: torch.Tensor) -> torch.cuda.CUDAGraph:
+    """Capture one training step on the static tensors.
+
+    The gradients are set to None first, so the captured backward allocates them in the graph's
+    memory and every replay writes them afresh (torch.cuda.graphs' whole-network recipe).
+    """
+    step.optimizer.zero_grad(set_to_none=True)
+    cuda_graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(cuda_graph):
+        step(static_x, static_t)
+    return cuda_graph
