@@ -9,9 +9,9 @@ the run directory, :func:`eval.experiments.cached_perplexity`) and the rows are 
 afterwards only renders, and results survive an interruption. Finished runs are skipped and
 interrupted ones resume (per-layer checkpoints).
 
-One worker process per (GPU, slot): ``--jobs-per-gpu`` runs share each GPU, and every run records
-that number (``jobs`` in the calibration table), because the wall time of a run includes the
-sharing. With the fast training loop (qllm_core.training) a run keeps one GPU busy, so
+``--jobs-per-gpu`` runs share each GPU, and every run records that number (``jobs`` in the
+calibration table), because the wall time of a run includes the sharing. Every run gets a fresh
+worker process (its peak GPU memory is its own) that takes a free GPU slot and gives it back. With the fast training loop (qllm_core.training) a run keeps one GPU busy, so
 ``--jobs-per-gpu 1`` gives each run a GPU of its own and the timings of a run alone.
 """
 from __future__ import annotations
@@ -24,6 +24,9 @@ import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
+import pandas as pd
+
+from qllm_core.models import display_name
 from qllm_core.runs import is_run_dir, read_run
 
 from .experiments import FP_METHOD, Experiment, ensure_run, experiment_rows
@@ -44,15 +47,19 @@ def pending(experiments: list[Experiment], run_root: Path, evaluate: bool) -> li
     return sorted(todo, key=lambda e: _COST.get(e.method, len(_COST)))
 
 
-def _claim_gpu(slots) -> None:
-    """Worker initializer: pin this worker to one GPU (before CUDA is initialised in it)."""
-    gpu = slots.get()
-    if gpu is not None:
-        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
-
-
-def _work(profile_name: str, model: str | None, device: str | None, exp: Experiment, run_root: str, data_dir,
+def _work(slots, profile_name: str, model: str | None, device: str | None, exp: Experiment, run_root: str, data_dir,
           jobs: int, threads: int, evaluate: bool):
+    gpu = slots.get()  # a free GPU slot, pinned before CUDA is initialised in this fresh process
+    try:
+        if gpu is not None:
+            os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
+        return _run(profile_name, model, device, exp, run_root, data_dir, jobs, threads, evaluate)
+    finally:
+        slots.put(gpu)
+
+
+def _run(profile_name: str, model: str | None, device: str | None, exp: Experiment, run_root: str, data_dir,
+         jobs: int, threads: int, evaluate: bool):
     import torch
 
     torch.set_num_threads(threads)
@@ -78,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpus", type=int, default=None, help="GPUs to use (default: all visible; none on a CPU)")
     parser.add_argument("--jobs-per-gpu", type=int, default=1, help="runs at once on each GPU (or on the CPU)")
     parser.add_argument("--evaluate", action="store_true", help="also evaluate each run and merge the table rows")
+    parser.add_argument("--missing-only", action="store_true",
+                        help="skip experiments whose rows (every dataset) are already in the perplexity table")
     parser.add_argument("--reports-dir", default=str(REPORTS))
     args = parser.parse_args(argv)
     if args.jobs_per_gpu < 1:
@@ -86,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     experiments = profile.grid(args.grid)
     if args.only_methods:
         experiments = [e for e in experiments if e.report_method in args.only_methods]
+    tables = Path(args.reports_dir) / "tables"
+    if args.missing_only:
+        experiments = [e for e in experiments if not reported(tables / "perplexity.csv", profile, e)]
     todo = pending(experiments, Path(args.run_root), args.evaluate)
     gpus = _gpu_count(profile.device) if args.gpus is None else args.gpus
     workers = max(gpus, 1) * args.jobs_per_gpu
@@ -93,13 +105,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(todo)} runs to make with {workers} workers on {gpus or 'no'} GPU(s) "
           f"({args.jobs_per_gpu} per device, {threads} CPU threads each)", flush=True)
     context = multiprocessing.get_context("spawn")  # CUDA cannot be shared with forked workers
-    slots = context.Queue()
+    manager = context.Manager()
+    slots = manager.Queue()
     for slot in range(workers):
         slots.put(slot % gpus if gpus else None)
-    tables = Path(args.reports_dir) / "tables"
     failures = 0
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_claim_gpu, initargs=(slots,)) as pool:
-        futures = {pool.submit(_work, args.profile, args.model, args.device, e, args.run_root, args.data_dir,
+    with manager, ProcessPoolExecutor(workers, mp_context=context, max_tasks_per_child=1) as pool:
+        futures = {pool.submit(_work, slots, args.profile, args.model, args.device, e, args.run_root, args.data_dir,
                                args.jobs_per_gpu, threads, args.evaluate): e for e in todo}
         for future in as_completed(futures):
             try:
@@ -114,6 +126,17 @@ def main(argv: list[str] | None = None) -> int:
                 if rows[1]:
                     upsert_rows(tables / "calibration.csv", rows[1], CALIBRATION_COLUMNS)
     return 1 if failures else 0
+
+
+def reported(table_path: Path, profile, exp: Experiment) -> bool:
+    """Whether the perplexity table has ``exp``'s rows on every dataset of ``profile``."""
+    if not table_path.is_file():
+        return False
+    table = pd.read_csv(table_path)
+    rows = table[(table.profile == profile.name) & (table.model == display_name(profile.model))
+                 & (table.method == exp.report_method) & (table.w_bits == exp.quant.w_bits)
+                 & (table.a_bits == exp.quant.a_bits) & (table.kv_bits == exp.quant.kv_bits)]
+    return set(profile.datasets) <= set(rows.dataset)
 
 
 def _gpu_count(device: str) -> int:
