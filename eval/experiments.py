@@ -98,6 +98,15 @@ def calibration_row(common: dict, record: dict | None) -> dict | None:
             "jobs": stats.get("concurrent_jobs", 1), "device": device_label(stats["device"])}
 
 
+def experiment_columns(exp: Experiment, record: dict | None, model_name: str, profile: str) -> dict:
+    """The columns every report row of ``exp`` starts with (model, method, bits, calibration, profile)."""
+    calibration = (record or {}).get("calibration") or {}
+    return {"model": model_name, "method": exp.report_method, "w_bits": exp.quant.w_bits,
+            "a_bits": exp.quant.a_bits, "kv_bits": exp.quant.kv_bits, "calib_data": calibration.get("dataset", "-"),
+            "calib_samples": calibration.get("nsamples", 0), "calib_seqlen": calibration.get("seqlen", 0),
+            "profile": profile}
+
+
 def experiment_rows(model_spec: str, exp: Experiment, datasets: list[str], max_windows: int | None, calib: CalibConfig,
                     run_root: str | Path, device: str = "cpu", profile: str = "smoke", data_dir=None,
                     seqlen: int = 2048, concurrent_jobs: int = 1) -> tuple[list[dict], list[dict]]:
@@ -113,14 +122,8 @@ def experiment_rows(model_spec: str, exp: Experiment, datasets: list[str], max_w
         return box["loaded"]
 
     results = {d: cached_perplexity(run_dir, model_fn, d, seqlen, max_windows, device, data_dir) for d in datasets}
-    calibration = (record or {}).get("calibration") or {}
-    common = {
-        "model": record["model_name"] if record else next(iter(results.values()))["model"],
-        "method": exp.report_method, "w_bits": exp.quant.w_bits, "a_bits": exp.quant.a_bits,
-        "kv_bits": exp.quant.kv_bits, "calib_data": calibration.get("dataset", "-"),
-        "calib_samples": calibration.get("nsamples", 0), "calib_seqlen": calibration.get("seqlen", 0),
-        "profile": profile,
-    }
+    common = experiment_columns(exp, record, record["model_name"] if record else next(iter(results.values()))["model"],
+                                profile)
     ppl_rows = [{**common, "dataset": d, "windows": r["windows"], "ppl": r["ppl"], "device": r["device"]}
                 for d, r in results.items()]
     calib_row = calibration_row(common, record)

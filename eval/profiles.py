@@ -78,6 +78,7 @@ class Profile:
     datasets: tuple[str, ...] = ("wikitext2", "ptb")
     max_windows: int | None = 8
     calib: CalibConfig = CalibConfig(nsamples=128, seqlen=2048)
+    zeroshot_subset: int | None = None  # documents per zero-shot task (a fixed seeded sample); None: all
     experiments: tuple[Experiment, ...] = ()
     extra_experiments: tuple[Experiment, ...] = ()
 
@@ -91,11 +92,12 @@ class Profile:
 
 
 _SMOKE_CORE, _SMOKE_EXTRA = method_grid(smoke=True)
+SMOKE_ZEROSHOT_SUBSET = 10  # per task: the core grid's 9 models x 6 tasks fit make reproduce's 2-core budget
 _PAPER_CORE, _PAPER_EXTRA = method_grid(smoke=False)
 PROFILES = {
     # smoke: `make reproduce` runs the core grid in < 30 min on a 2-core CPU; the extra bit widths
     # take as long again and run on request (`--param grid='"extra"'`).
-    "smoke": Profile("smoke", calib=CalibConfig(nsamples=8, seqlen=512),
+    "smoke": Profile("smoke", calib=CalibConfig(nsamples=8, seqlen=512), zeroshot_subset=SMOKE_ZEROSHOT_SUBSET,
                      experiments=tuple(RTN_GRID + _SMOKE_CORE), extra_experiments=tuple(_SMOKE_EXTRA)),
     # paper: batch_size = windows per forward when the engine propagates activations (not a training setting)
     "paper": Profile("paper", device="cuda", max_windows=None, calib=CalibConfig(nsamples=128, seqlen=2048, batch_size=8),

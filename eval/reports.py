@@ -17,7 +17,10 @@ PERPLEXITY_COLUMNS = ["model", "method", "w_bits", "a_bits", "kv_bits", "dataset
 CALIBRATION_COLUMNS = ["model", "method", "w_bits", "a_bits", "kv_bits", "calib_data", "calib_samples",
                        "calib_seqlen", "calib_seconds", "seconds_per_layer", "gpu_busy_share", "peak_gpu_mem_gib",
                        "jobs", "profile", "device"]
-VALUE_COLUMNS = {"ppl", "device", "calib_seconds", "seconds_per_layer", "gpu_busy_share", "peak_gpu_mem_gib", "jobs"}
+ZEROSHOT_COLUMNS = ["model", "method", "w_bits", "a_bits", "kv_bits", "task", "metric", "value", "stderr", "n", "limit",
+                    "calib_data", "profile", "device"]
+VALUE_COLUMNS = {"ppl", "device", "calib_seconds", "seconds_per_layer", "gpu_busy_share", "peak_gpu_mem_gib", "jobs",
+                 "value", "stderr", "n"}
 
 
 def key_columns(columns: list[str]) -> list[str]:

@@ -1,0 +1,114 @@
+"""Zero-shot accuracy through EleutherAI's lm-evaluation-harness itself, on any model the harness builds.
+
+The model (FP, a fake-quant run, a run on the Triton kernels) is wrapped in lm-eval's ``HFLM`` and
+scored by ``lm_eval.simple_evaluate``. Tasks: the five of QLLM's tables (PIQA, ARC-e, ARC-c,
+HellaSwag, WinoGrande) and LAMBADA (OpenAI) for FlatQuant's. Offline they are the ``local_*``
+tasks of ``eval/zeroshot_tasks`` (lm-eval's definitions over ``shared/data``); without local data
+the official task names are used, where the hub is reachable.
+
+A *subset* evaluates a fixed, seeded random sample of ``subset`` documents per task (lm-eval's
+``samples`` argument), the same documents for every model, so smoke rows of different methods
+compare on equal footing; ``subset=None`` is the full set.
+
+The papers' averages (methods.md section 0): QLLM averages ``acc`` over its five tasks (as
+OmniQuant, on which its code is built, reports); FlatQuant averages six tasks with ``acc_norm``
+where lm-eval provides it (ARC, HellaSwag, PIQA) and ``acc`` otherwise (WinoGrande, LAMBADA).
+"""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+from qllm_core.data import resolve_data_dir
+
+TASKS = ("piqa", "arc_easy", "arc_challenge", "hellaswag", "winogrande", "lambada_openai")
+TASK_DIR = Path(__file__).with_name("zeroshot_tasks")
+AVERAGES: dict[str, dict[str, str]] = {
+    "avg_qllm5": {"piqa": "acc", "arc_easy": "acc", "arc_challenge": "acc", "hellaswag": "acc", "winogrande": "acc"},
+    "avg_flatquant6": {"piqa": "acc_norm", "arc_easy": "acc_norm", "arc_challenge": "acc_norm",
+                       "hellaswag": "acc_norm", "winogrande": "acc", "lambada_openai": "acc"},
+}
+
+
+def _local_sizes(tasks: list[str], data_dir) -> dict[str, int] | None:
+    """Document count of each task's local file, or None when any is missing (then: the hub)."""
+    from .zeroshot_tasks.local_data import FILES
+
+    root = resolve_data_dir(data_dir)
+    paths = [None if root is None else root / FILES[t][0] for t in tasks]
+    if any(p is None or not p.is_file() for p in paths):
+        return None
+    return {t: sum(1 for line in p.open(encoding="utf-8") if line.strip()) for t, p in zip(tasks, paths)}
+
+
+def seeded_subset(size: int, n_docs: int, seed: int = 0) -> list[int]:
+    """``size`` document indices out of ``n_docs``, sorted, the same for every model."""
+    return sorted(random.Random(seed).sample(range(n_docs), min(size, n_docs)))
+
+
+def zero_shot(model, tokenizer, tasks: list[str] = TASKS, subset: int | None = None, seed: int = 0,
+              batch_size: int = 16, data_dir=None) -> list[dict]:
+    """lm-eval scores of ``model`` (already on its device): ``{task, metric, value, stderr, n}`` rows."""
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    unknown = sorted(set(tasks) - set(TASKS))
+    if unknown:
+        raise ValueError(f"unknown zero-shot task(s) {unknown}; available: {list(TASKS)}")
+    sizes = _local_sizes(list(tasks), data_dir)
+    names = {t: (f"local_{t}" if sizes else t) for t in tasks}
+    samples = None
+    if subset is not None and sizes:
+        samples = {names[t]: seeded_subset(subset, sizes[t], seed) for t in tasks}
+    manager = TaskManager(include_path=str(TASK_DIR),
+                          metadata={"data_dir": str(resolve_data_dir(data_dir) or "")})
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    output = lm_eval.simple_evaluate(model=lm, tasks=list(names.values()), task_manager=manager, samples=samples,
+                                     limit=None if samples or subset is None else subset, bootstrap_iters=1000,
+                                     log_samples=False, random_seed=seed, numpy_random_seed=seed,
+                                     torch_random_seed=seed)
+    rows = []
+    for task, name in names.items():
+        result = output["results"][name]
+        n = output["n-samples"][name]["effective"]
+        for key, value in result.items():
+            metric, _, filt = key.partition(",")
+            if filt != "none" or metric.endswith("_stderr") or metric == "alias":
+                continue
+            stderr = result.get(f"{metric}_stderr,none")
+            rows.append({"task": task, "metric": metric, "value": float(value),
+                         "stderr": "-" if stderr in (None, "N/A") else float(stderr), "n": n})
+    return rows
+
+
+def average_rows(rows: list[dict]) -> list[dict]:
+    """The papers' average rows (:data:`AVERAGES`) from per-task rows, where every task is present."""
+    found = {(r["task"], r["metric"]): r for r in rows}
+    averages = []
+    for name, metrics in AVERAGES.items():
+        picked = [found.get(item) for item in metrics.items()]
+        if all(picked):
+            averages.append({"task": name, "metric": "+".join(sorted(set(metrics.values()))),
+                             "value": sum(r["value"] for r in picked) / len(picked), "stderr": "-",
+                             "n": sum(r["n"] for r in picked)})
+    return averages
+
+
+def zero_shot_rows(model_spec: str, experiments: list, tasks: list[str], subset: int | None, calib, run_root,
+                   device: str = "cpu", profile: str = "smoke", data_dir=None, batch_size: int = 16):
+    """Per experiment, the long-format zero-shot rows (tasks + the papers' averages) of its model.
+
+    Uses the experiment's run in ``run_root`` (the perplexity notebook's; quantized only if missing).
+    """
+    from tqdm import tqdm
+
+    from .experiments import build_model, device_label, experiment_columns
+
+    for exp in tqdm(experiments, desc="zero-shot models"):
+        loaded, record = build_model(model_spec, exp, Path(run_root), calib, device, data_dir)
+        loaded.model.to(device)
+        rows = zero_shot(loaded.model, loaded.tokenizer, tasks, subset, batch_size=batch_size, data_dir=data_dir)
+        common = {**experiment_columns(exp, record, loaded.name, profile), "limit": subset or "all",
+                  "device": device_label(device)}
+        yield [{**common, **row} for row in rows + average_rows(rows)]
