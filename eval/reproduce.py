@@ -6,7 +6,7 @@
 Each notebook gets the profile name plus any overrides as papermill parameters; it writes its
 own long-format tables under ``reports/tables``. The executed notebook is exported to
 ``reports/<notebook>.<profile>.html`` with code cells hidden (the executed .ipynb stays in
-``reports/_executed``, which git ignores).
+``reports/_executed``, which git ignores); at the end ``reports/index.html`` is rebuilt.
 """
 from __future__ import annotations
 
@@ -19,6 +19,8 @@ from pathlib import Path
 import nbformat
 import papermill
 from nbconvert import HTMLExporter
+
+from .report_index import build_index
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK_DIR = REPO / "notebooks"
@@ -73,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         start = time.time()
         html = run_notebook(notebook, parameters, Path(args.reports_dir))
         print(f"{notebook.name}: {time.time() - start:.0f} s -> {html}", flush=True)
+    print(f"index: {build_index(Path(args.reports_dir))}", flush=True)
     return 0
 
 

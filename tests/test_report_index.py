@@ -1,0 +1,45 @@
+"""reports/index.html from the committed tables: every link resolves; table files re-sort to themselves."""
+from __future__ import annotations
+
+import re
+import shutil
+
+import pandas as pd
+
+from eval.report_index import REPO, build_index, perplexity_ratios
+from eval.reports import PERPLEXITY_COLUMNS, upsert_rows
+
+
+def test_index_links_resolve_and_sections_render(tmp_path):
+    reports = tmp_path / "reports"
+    shutil.copytree(REPO / "reports" / "tables", reports / "tables")
+    (reports / "perplexity.smoke.html").write_text("<html></html>")
+    page = build_index(reports).read_text()
+    for title in ("Perplexity", "Zero-shot", "Calibration time", "Speedups"):
+        assert f"<h2>{title}</h2>" in page
+    targets = re.findall(r'(?:href|src)="([^"]+)"', page)
+    assert "perplexity.smoke.html" in targets and any(t.endswith(".png") for t in targets)
+    assert all((reports / t).is_file() for t in targets), [t for t in targets if not (reports / t).is_file()]
+    assert page.count("<table") >= 4
+
+
+def test_ratios_put_papers_and_ours_on_one_scale():
+    paper = pd.DataFrame([{"paper": "QLLM", "table": "T", "model": "LLaMA-2-7B", "method": m, "w_bits": w, "a_bits": w,
+                           "kv_bits": 16, "dataset": "wikitext2", "metric": "ppl", "value": v}
+                          for m, w, v in (("fp", 16, "5.0"), ("qllm", 4, "10.0"))])
+    ours = pd.DataFrame([{"model": "m", "method": m, "w_bits": w, "a_bits": w, "kv_bits": 16, "dataset": "wikitext2",
+                          "ppl": p, "calib_data": "ptb", "profile": "smoke", "device": "cpu"}
+                         for m, w, p in (("fp", 16, 20.0), ("qllm", 4, 30.0))])
+    ratios = perplexity_ratios(ours, paper).set_index("source")["ppl / FP"]
+    assert sorted(ratios.round(3)) == [1.5, 2.0]
+
+
+def test_tables_are_stable_under_rewrites_and_row_order(tmp_path):
+    """A re-run that merges the same rows in another order leaves the file byte for byte unchanged."""
+    source = pd.read_csv(REPO / "reports" / "tables" / "perplexity.csv", keep_default_na=False, dtype=str)
+    rows = source.to_dict("records")
+    first, second = tmp_path / "a.csv", tmp_path / "b.csv"
+    upsert_rows(first, rows, PERPLEXITY_COLUMNS)
+    upsert_rows(second, rows[::-1], PERPLEXITY_COLUMNS)
+    upsert_rows(second, rows[: len(rows) // 2], PERPLEXITY_COLUMNS)  # re-running half of them
+    assert first.read_text() == second.read_text() == (REPO / "reports" / "tables" / "perplexity.csv").read_text()
