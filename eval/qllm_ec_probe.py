@@ -31,13 +31,6 @@ VARIANTS = {"reassembly only": {"error_correction": False},
             "EC, merged and re-quantized (QLLM)": {}}
 
 
-def truncated_model(layers: int):
-    loaded = load_model("embedded")
-    loaded.model.model.layers = loaded.model.model.layers[:layers]
-    loaded.model.config.num_hidden_layers = layers
-    return loaded
-
-
 @torch.no_grad()
 def group_output(model, ids: torch.Tensor) -> torch.Tensor:
     return torch.cat([model(ids[i:i + 1], output_hidden_states=True).hidden_states[-1] for i in range(len(ids))])
@@ -51,13 +44,13 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
-    fp = truncated_model(args.layers)
+    fp = load_model("embedded", layers=args.layers)
     calib = calibration_windows(fp.tokenizer, "ptb", args.nsamples, args.seqlen, 0)
     held_out = calibration_windows(fp.tokenizer, "ptb", args.nsamples, args.seqlen, 1)
     reference = {"calibration": group_output(fp.model, calib), "held-out": group_output(fp.model, held_out)}
     rows = []
     for name, options in VARIANTS.items():
-        loaded = truncated_model(args.layers)
+        loaded = load_model("embedded", layers=args.layers)
         method = make_method("qllm", W4A4_ASYM, num_layer=args.layers, epochs=args.epochs, max_candidates=12,
                              **options)
         BlockwiseEngine(loaded.model, ModelAdapter(loaded.model), "cpu", batch_size=4).run(method, calib)

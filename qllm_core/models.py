@@ -107,8 +107,11 @@ def display_name(spec: str) -> str:
     return Path(spec).name if Path(spec).exists() else spec
 
 
-def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> LoadedModel:
+def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+               layers: int | None = None) -> LoadedModel:
     """Load ``spec`` (``"embedded"``, a hub id, a model directory or a ``.gguf`` file).
+
+    ``layers`` keeps only the first decoder layers (studies of one layer or one group).
 
     Raises :class:`ModelNotFoundError` for paths that do not exist and
     :class:`~qllm_core.adapters.UnsupportedModelError` for families without an adapter.
@@ -118,4 +121,11 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str | torc
     model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
     model.eval().to(device)
     model.config.use_cache = False
+    if layers is not None:
+        total = model.config.num_hidden_layers
+        if not 1 <= layers <= total:
+            raise ValueError(f"{spec} has {total} decoder layers; cannot keep {layers}")
+        decoder = ModelAdapter(model).layers
+        del decoder[layers:]
+        model.config.num_hidden_layers = layers
     return LoadedModel(model=model, tokenizer=tokenizer, adapter=ModelAdapter(model), name=display_name(spec))

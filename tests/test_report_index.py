@@ -43,3 +43,16 @@ def test_tables_are_stable_under_rewrites_and_row_order(tmp_path):
     upsert_rows(second, rows[::-1], PERPLEXITY_COLUMNS)
     upsert_rows(second, rows[: len(rows) // 2], PERPLEXITY_COLUMNS)  # re-running half of them
     assert first.read_text() == second.read_text() == (REPO / "reports" / "tables" / "perplexity.csv").read_text()
+
+
+def test_walkthrough_steps_on_a_real_layer(data_dir):
+    """Disassembly is exact in FP, assembly restores the channel count; outliers are found (embedded model)."""
+    from eval.walkthrough import disassembly_demo, outlier_table, study
+
+    s = study(layer=2, nsamples=2, seqlen=128, data_dir=data_dir)
+    assert outlier_table(s)["x median channel"].iloc[0] > 10
+    steps = disassembly_demo(s).set_index("step")
+    exact, kept = steps.iloc[0], steps.iloc[1]
+    assert exact["relative FP output error"] < 1e-5 and exact["channels out"] == exact["channels in"] + exact["added sub-channels"]
+    assert kept["channels out"] == kept["channels in"] and kept["relative FP output error"] > exact["relative FP output error"]
+    assert exact["max |x| after"] < outlier_table(s)["max |x|"].iloc[0]
