@@ -112,3 +112,48 @@ def zero_shot_rows(model_spec: str, experiments: list, tasks: list[str], subset:
         common = {**experiment_columns(exp, record, loaded.name, profile), "limit": subset or "all",
                   "device": device_label(device)}
         yield [{**common, **row} for row in rows + average_rows(rows)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m eval.zeroshot``: one model (FP or a run directory), task by task, rows merged as each ends."""
+    import argparse
+
+    from qllm_core.models import load_model
+    from qllm_core.runs import is_run_dir, load_run
+
+    from .experiments import device_label
+    from .reports import ZEROSHOT_COLUMNS, upsert_rows
+
+    parser = argparse.ArgumentParser(prog="python -m eval.zeroshot", description=main.__doc__)
+    parser.add_argument("--model", default="embedded", help="model spec or a quantized run directory")
+    parser.add_argument("--tasks", nargs="*", default=list(TASKS))
+    parser.add_argument("--subset", type=int, default=None, help="documents per task (seeded); default: all")
+    parser.add_argument("--profile", default="paper", help="the profile column of the rows")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--table", default=str(Path(__file__).resolve().parents[1] / "reports/tables/zeroshot.csv"))
+    args = parser.parse_args(argv)
+    if is_run_dir(args.model):
+        loaded, record = load_run(args.model)
+        quant, method = record["quant"], record["method"]
+    else:
+        loaded, record, quant, method = load_model(args.model), None, {}, "fp"
+    loaded.model.to(args.device)
+    calibration = (record or {}).get("calibration") or {}
+    common = {"model": loaded.name, "method": method, "w_bits": quant.get("w_bits", 16),
+              "a_bits": quant.get("a_bits", 16), "kv_bits": quant.get("kv_bits", 16), "limit": args.subset or "all",
+              "calib_data": calibration.get("dataset", "-"), "profile": args.profile,
+              "device": device_label(args.device)}
+    done = []
+    for task in args.tasks:
+        rows = zero_shot(loaded.model, loaded.tokenizer, [task], args.subset, batch_size=args.batch_size,
+                         data_dir=args.data_dir)
+        done += rows
+        upsert_rows(args.table, [{**common, **r} for r in rows + average_rows(done)], ZEROSHOT_COLUMNS)
+        print(task, [(r["metric"], round(r["value"], 4)) for r in rows], flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
