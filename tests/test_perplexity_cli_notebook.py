@@ -96,3 +96,15 @@ def test_prequantize_makes_the_runs_the_notebook_reuses(tiny_model_dir, data_dir
     assert not (reports / "tables" / "calibration.csv").exists()  # RTN needs no calibration data
     stored = sorted(p.name for p in (tmp_path / expected[0].slug() / "eval").iterdir())
     assert stored == ["ppl-ptb-2048-8.json", "ppl-wikitext2-2048-8.json"]
+
+
+def test_calibration_row_reports_per_layer_time_and_sharing():
+    from eval.experiments import calibration_row
+
+    record = {"calibration": {"dataset": "ptb"}, "stats": {
+        "calib_seconds": 100.0, "device": "cpu", "concurrent_jobs": 3, "layers_per_group": 4,
+        "group_seconds": [8.0, 12.0, 40.0], "gpu_busy_share": None}}
+    row = calibration_row({"method": "qllm"}, record)
+    assert row["seconds_per_layer"] == 3.0 and row["jobs"] == 3 and row["gpu_busy_share"] == "-"
+    assert row["calib_seconds"] == 100.0 and row["device"] == "cpu"
+    assert calibration_row({}, {"stats": None}) is None  # RTN: nothing calibrated
