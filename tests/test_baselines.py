@@ -243,3 +243,18 @@ def test_omniquant_lwc_learns_clipping_and_beats_rtn():
     err_omni = (model(ids).logits - ref).pow(2).mean()
     err_rtn = (_quantize(make_tiny_llama(), make_method("rtn", quant))(ids).logits - ref).pow(2).mean()
     assert err_omni < err_rtn, (err_omni, err_rtn)
+
+
+def test_hessian_of_a_shared_quantizer_counts_each_tensor_once():
+    """q/k/v share one activation quantizer: one Hessian for the three names, x counted once per forward."""
+    from torch import nn
+
+    from qllm_core.algorithms.gptq import HessianAccumulator
+
+    shared, x = nn.Identity(), torch.randn(2, 5, 6)
+    with HessianAccumulator({"q": shared, "k": shared, "v": shared}) as acc:
+        for _ in range(3):  # q, k and v each call the quantizer on the same tensor
+            shared(x)
+    flat = x.reshape(-1, 6)
+    torch.testing.assert_close(acc.hessians["q"], 2.0 / 10 * flat.T @ flat)
+    assert acc.counts == {"q": 10, "k": 10, "v": 10} and acc.hessians["k"] is acc.hessians["v"]

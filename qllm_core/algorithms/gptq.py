@@ -27,27 +27,37 @@ class HessianAccumulator:
     """Running GPTQ Hessians H = 2/N·Σ xᵀx of the inputs of several modules (forward pre-hooks).
 
     Use as a context manager around forward passes; ``hessians[name]`` is (in, in) float32.
+    Names that share one module (q/k/v share their activation quantizer) share one Hessian, and a
+    module called several times on the same tensor in a row (once per linear it feeds) counts it once.
     """
 
     def __init__(self, modules: dict[str, nn.Module]):
         self.hessians: dict[str, torch.Tensor] = {}
         self.counts: dict[str, int] = {}
-        self._modules = modules
+        self._names: dict[int, tuple[nn.Module, list[str]]] = {}
+        for name, module in modules.items():
+            self._names.setdefault(id(module), (module, []))[1].append(name)
         self._handles: list = []
 
-    def _hook(self, name: str):
+    def _hook(self, names: list[str]):
+        last = [None]  # the tensor seen last; kept referenced so its id cannot be reused
+
         def hook(_module, args):
+            if args[0] is last[0]:
+                return
+            last[0] = args[0]
             x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-            n_old, n_new = self.counts.get(name, 0), x.shape[0]
+            n_old, n_new = self.counts.get(names[0], 0), x.shape[0]
             total = n_old + n_new
-            h = self.hessians.get(name)
+            h = self.hessians.get(names[0])
             update = (2.0 / total) * (x.T @ x)
-            self.hessians[name] = update if h is None else h * (n_old / total) + update
-            self.counts[name] = total
+            h = update if h is None else h * (n_old / total) + update
+            for name in names:
+                self.hessians[name], self.counts[name] = h, total
         return hook
 
     def __enter__(self) -> "HessianAccumulator":
-        self._handles = [m.register_forward_pre_hook(self._hook(n)) for n, m in self._modules.items()]
+        self._handles = [m.register_forward_pre_hook(self._hook(names)) for m, names in self._names.values()]
         return self
 
     def __exit__(self, *exc) -> None:
