@@ -247,11 +247,7 @@ def test_omniquant_lwc_learns_clipping_and_beats_rtn():
 
 def test_hessian_of_a_shared_quantizer_counts_each_tensor_once():
     """q/k/v share one activation quantizer: one Hessian for the three names, x counted once per forward."""
-    from torch import nn
-
-    from qllm_core.algorithms.gptq import HessianAccumulator
-
-    shared, x = nn.Identity(), torch.randn(2, 5, 6)
+    shared, x = torch.nn.Identity(), torch.randn(2, 5, 6)
     with HessianAccumulator({"q": shared, "k": shared, "v": shared}) as acc:
         for _ in range(3):  # q, k and v each call the quantizer on the same tensor
             shared(x)
