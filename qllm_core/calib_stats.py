@@ -21,8 +21,19 @@ WINDOWS_PER_PASS = 8
 def observe_inputs(layer: nn.Module, ctx: LayerContext, modules: dict[str, nn.Module], inputs: torch.Tensor,
                    observe: Callable[[str, torch.Tensor], None]) -> None:
     """Run ``layer`` on ``inputs`` (``WINDOWS_PER_PASS`` windows per forward), calling
-    ``observe(name, x)`` with the input ``x`` of every module in ``modules`` (keyed by name)."""
-    handles = [m.register_forward_pre_hook(lambda _m, args, name=name: observe(name, args[0].detach()))
+    ``observe(name, x)`` with the input ``x`` of every module in ``modules`` (keyed by name).
+
+    A module called again on the very tensor it just saw (an activation quantizer shared by q/k/v)
+    reports it once.
+    """
+    last: dict[str, torch.Tensor] = {}  # kept referenced, so an id is never reused while compared
+
+    def hook(name: str, x: torch.Tensor) -> None:
+        if last.get(name) is not x:
+            last[name] = x
+            observe(name, x.detach())
+
+    handles = [m.register_forward_pre_hook(lambda _m, args, name=name: hook(name, args[0]))
                for name, m in modules.items()]
     try:
         for i in range(0, inputs.shape[0], WINDOWS_PER_PASS):
