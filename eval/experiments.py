@@ -66,6 +66,28 @@ def build_model(model_spec: str, exp: Experiment, run_root: Path, calib: CalibCo
     return load_run(run_root / exp.slug())
 
 
+def cached_json(path: Path, compute) -> dict:
+    """The JSON result stored at ``path``, or ``compute()``'s, stored there first (a run's ``eval/`` cache)."""
+    if path.is_file():
+        return json.loads(path.read_text())
+    result = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def lazy_model(model_spec: str, exp: Experiment, run_dir: Path):
+    """A function returning ``exp``'s LoadedModel (FP or its run), loaded at most once and only when called,
+    so a re-run whose results are all cached loads no model at all."""
+    box = {}
+
+    def model_fn():
+        if "loaded" not in box:
+            box["loaded"] = load_model(model_spec) if exp.method == FP_METHOD else load_run(run_dir)[0]
+        return box["loaded"]
+    return model_fn
+
+
 def cached_perplexity(run_dir: Path, model_fn, dataset: str, seqlen: int, max_windows: int | None, device: str,
                       data_dir=None) -> dict:
     """Perplexity of a run (or FP) on ``dataset``, stored in ``<run_dir>/eval/`` and reused afterwards.
@@ -73,15 +95,11 @@ def cached_perplexity(run_dir: Path, model_fn, dataset: str, seqlen: int, max_wi
     ``model_fn()`` returns the LoadedModel; it is called only when the result is not stored yet, so
     a notebook re-run after ``eval.prequantize --evaluate`` loads no model at all.
     """
-    path = run_dir / "eval" / f"ppl-{dataset}-{seqlen}-{max_windows or 'all'}.json"
-    if path.is_file():
-        return json.loads(path.read_text())
-    loaded = model_fn()
-    result = perplexity(loaded.model, loaded.tokenizer, dataset, seqlen, max_windows, 1, device, data_dir)
-    result.update(device=device_label(device), model=loaded.name)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1))
-    return result
+    def compute() -> dict:
+        loaded = model_fn()
+        result = perplexity(loaded.model, loaded.tokenizer, dataset, seqlen, max_windows, 1, device, data_dir)
+        return {**result, "device": device_label(device), "model": loaded.name}
+    return cached_json(run_dir / "eval" / f"ppl-{dataset}-{seqlen}-{max_windows or 'all'}.json", compute)
 
 
 def calibration_row(common: dict, record: dict | None) -> dict | None:
@@ -114,13 +132,7 @@ def experiment_rows(model_spec: str, exp: Experiment, datasets: list[str], max_w
     run_dir = Path(run_root) / exp.slug()
     record = None if exp.method == FP_METHOD else ensure_run(model_spec, exp, run_dir, calib, device, data_dir,
                                                                concurrent_jobs)
-    box = {}
-
-    def model_fn():  # loaded at most once, and only if some dataset is not evaluated yet
-        if "loaded" not in box:
-            box["loaded"] = load_model(model_spec) if exp.method == FP_METHOD else load_run(run_dir)[0]
-        return box["loaded"]
-
+    model_fn = lazy_model(model_spec, exp, run_dir)
     results = {d: cached_perplexity(run_dir, model_fn, d, seqlen, max_windows, device, data_dir) for d in datasets}
     common = experiment_columns(exp, record, record["model_name"] if record else next(iter(results.values()))["model"],
                                 profile)

@@ -1,13 +1,15 @@
 """Quantize (and evaluate) a profile's grid into its run directories, spread over the GPUs.
 
-    python -m eval.prequantize --profile paper --grid all --gpus 4 --jobs-per-gpu 1 --evaluate
+    python -m eval.prequantize --profile paper --grid all --gpus 4 --jobs-per-gpu 1 --evaluate --zeroshot
 
 Each run lands in ``<run-root>/<slug>``, the directory the perplexity notebook looks for; with
 ``--evaluate`` each worker also measures the run's perplexity on the profile's datasets (stored in
 the run directory, :func:`eval.experiments.cached_perplexity`) and the rows are merged into
 ``reports/tables/perplexity.csv`` and ``calibration.csv`` as runs finish, so a notebook run
-afterwards only renders, and results survive an interruption. Finished runs are skipped and
-interrupted ones resume (per-layer checkpoints).
+afterwards only renders, and results survive an interruption. ``--zeroshot`` adds the zero-shot
+tasks (:mod:`eval.zeroshot`, the profile's subset per task, cached in the run directory too) and
+merges their rows into ``reports/tables/zeroshot.csv``. Finished runs are skipped and interrupted
+ones resume (per-layer checkpoints).
 
 ``--jobs-per-gpu`` runs share each GPU, and every run records that number (``jobs`` in the
 calibration table), because the wall time of a run includes the sharing. Every run gets a fresh
@@ -31,7 +33,8 @@ from qllm_core.runs import is_run_dir, read_run
 
 from .experiments import FP_METHOD, Experiment, ensure_run, experiment_rows
 from .profiles import get_profile
-from .reports import CALIBRATION_COLUMNS, PERPLEXITY_COLUMNS, upsert_rows
+from .reports import CALIBRATION_COLUMNS, CALIBRATION_KEYS, PERPLEXITY_COLUMNS, ZEROSHOT_COLUMNS, upsert_rows
+from .zeroshot import TASKS, experiment_zero_shot
 
 REPORTS = Path(__file__).resolve().parents[1] / "reports"
 # Rough cost order (longest first), so the slowest runs start at once.
@@ -48,18 +51,20 @@ def pending(experiments: list[Experiment], run_root: Path, evaluate: bool) -> li
 
 
 def _work(slots, profile_name: str, model: str | None, device: str | None, exp: Experiment, run_root: str, data_dir,
-          jobs: int, threads: int, evaluate: bool):
+          jobs: int, threads: int, evaluate: bool, zeroshot_batch: int | None):
     gpu = slots.get()  # a free GPU slot, pinned before CUDA is initialised in this fresh process
     try:
         if gpu is not None:
             os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
-        return _run(profile_name, model, device, exp, run_root, data_dir, jobs, threads, evaluate)
+        return _run(profile_name, model, device, exp, run_root, data_dir, jobs, threads, evaluate, zeroshot_batch)
     finally:
         slots.put(gpu)
 
 
 def _run(profile_name: str, model: str | None, device: str | None, exp: Experiment, run_root: str, data_dir,
-         jobs: int, threads: int, evaluate: bool):
+         jobs: int, threads: int, evaluate: bool, zeroshot_batch: int | None):
+    """Make (and evaluate) one run: ``(exp, took, (perplexity rows, calibration rows, zero-shot rows) or None)``;
+    ``zeroshot_batch``: lm-eval's batch size, or None for no zero-shot evaluation."""
     import torch
 
     torch.set_num_threads(threads)
@@ -68,9 +73,13 @@ def _run(profile_name: str, model: str | None, device: str | None, exp: Experime
     if not evaluate:
         ensure_run(profile.model, exp, Path(run_root) / exp.slug(), profile.calib, profile.device, data_dir, jobs)
         return exp, f"{time.time() - start:.0f} s", None
-    rows = experiment_rows(profile.model, exp, list(profile.datasets), profile.max_windows, profile.calib, run_root,
-                           profile.device, profile.name, data_dir, concurrent_jobs=jobs)
-    return exp, f"{time.time() - start:.0f} s", rows
+    ppl_rows, calib_rows = experiment_rows(profile.model, exp, list(profile.datasets), profile.max_windows,
+                                           profile.calib, run_root, profile.device, profile.name, data_dir,
+                                           concurrent_jobs=jobs)
+    zs_rows = [] if zeroshot_batch is None else experiment_zero_shot(
+        profile.model, exp, list(TASKS), profile.zeroshot_subset, profile.calib, run_root, profile.device,
+        profile.name, data_dir, zeroshot_batch, jobs)
+    return exp, f"{time.time() - start:.0f} s", (ppl_rows, calib_rows, zs_rows)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,19 +94,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpus", type=int, default=None, help="GPUs to use (default: all visible; none on a CPU)")
     parser.add_argument("--jobs-per-gpu", type=int, default=1, help="runs at once on each GPU (or on the CPU)")
     parser.add_argument("--evaluate", action="store_true", help="also evaluate each run and merge the table rows")
+    parser.add_argument("--zeroshot", action="store_true",
+                        help="with --evaluate: also the zero-shot tasks (the profile's subset per task)")
+    parser.add_argument("--zeroshot-batch-size", type=int, default=32, help="lm-eval batch size")
     parser.add_argument("--missing-only", action="store_true",
-                        help="skip experiments whose rows (every dataset) are already in the perplexity table")
+                        help="skip experiments whose rows (every dataset; every task with --zeroshot) are already "
+                             "in the tables")
     parser.add_argument("--reports-dir", default=str(REPORTS))
     args = parser.parse_args(argv)
     if args.jobs_per_gpu < 1:
         raise SystemExit("--jobs-per-gpu must be >= 1")
+    if args.zeroshot and not args.evaluate:
+        raise SystemExit("--zeroshot needs --evaluate (it evaluates the runs)")
     profile = get_profile(args.profile, model=args.model, device=args.device)
     experiments = profile.grid(args.grid)
     if args.only_methods:
         experiments = [e for e in experiments if e.report_method in args.only_methods]
     tables = Path(args.reports_dir) / "tables"
     if args.missing_only:
-        experiments = [e for e in experiments if not reported(tables / "perplexity.csv", profile, e)]
+        experiments = [e for e in experiments if not (reported(tables / "perplexity.csv", profile, e) and (
+            not args.zeroshot or zero_shot_reported(tables / "zeroshot.csv", profile, e)))]
     todo = pending(experiments, Path(args.run_root), args.evaluate)
     gpus = _gpu_count(profile.device) if args.gpus is None else args.gpus
     workers = max(gpus, 1) * args.jobs_per_gpu
@@ -112,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     failures = 0
     with manager, ProcessPoolExecutor(workers, mp_context=context, max_tasks_per_child=1) as pool:
         futures = {pool.submit(_work, slots, args.profile, args.model, args.device, e, args.run_root, args.data_dir,
-                               args.jobs_per_gpu, threads, args.evaluate): e for e in todo}
+                               args.jobs_per_gpu, threads, args.evaluate,
+                               args.zeroshot_batch_size if args.zeroshot else None): e for e in todo}
         for future in as_completed(futures):
             try:
                 exp, took, rows = future.result()
@@ -122,21 +139,35 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             print(f"{exp.slug()}: {took}", flush=True)
             if rows:
-                upsert_rows(tables / "perplexity.csv", rows[0], PERPLEXITY_COLUMNS)
-                if rows[1]:
-                    upsert_rows(tables / "calibration.csv", rows[1], CALIBRATION_COLUMNS)
+                ppl_rows, calib_rows, zs_rows = rows
+                upsert_rows(tables / "perplexity.csv", ppl_rows, PERPLEXITY_COLUMNS)
+                if calib_rows:
+                    upsert_rows(tables / "calibration.csv", calib_rows, CALIBRATION_COLUMNS, keys=CALIBRATION_KEYS)
+                if zs_rows:
+                    upsert_rows(tables / "zeroshot.csv", zs_rows, ZEROSHOT_COLUMNS)
     return 1 if failures else 0
+
+
+def _rows_of(table_path: Path, profile, exp: Experiment) -> pd.DataFrame | None:
+    """``exp``'s rows of ``profile`` in a report table (None when the table does not exist)."""
+    if not table_path.is_file():
+        return None
+    table = pd.read_csv(table_path, keep_default_na=False, dtype=str)
+    return table[(table.profile == profile.name) & (table.model == display_name(profile.model))
+                 & (table.method == exp.report_method) & (table.w_bits == str(exp.quant.w_bits))
+                 & (table.a_bits == str(exp.quant.a_bits)) & (table.kv_bits == str(exp.quant.kv_bits))]
 
 
 def reported(table_path: Path, profile, exp: Experiment) -> bool:
     """Whether the perplexity table has ``exp``'s rows on every dataset of ``profile``."""
-    if not table_path.is_file():
-        return False
-    table = pd.read_csv(table_path)
-    rows = table[(table.profile == profile.name) & (table.model == display_name(profile.model))
-                 & (table.method == exp.report_method) & (table.w_bits == exp.quant.w_bits)
-                 & (table.a_bits == exp.quant.a_bits) & (table.kv_bits == exp.quant.kv_bits)]
-    return set(profile.datasets) <= set(rows.dataset)
+    rows = _rows_of(table_path, profile, exp)
+    return rows is not None and set(profile.datasets) <= set(rows.dataset)
+
+
+def zero_shot_reported(table_path: Path, profile, exp: Experiment) -> bool:
+    """Whether the zero-shot table has ``exp``'s rows on every task at the profile's subset size."""
+    rows = _rows_of(table_path, profile, exp)
+    return rows is not None and set(TASKS) <= set(rows[rows.limit == str(profile.zeroshot_subset or "all")].task)
 
 
 def _gpu_count(device: str) -> int:

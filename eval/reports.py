@@ -17,6 +17,9 @@ PERPLEXITY_COLUMNS = ["model", "method", "w_bits", "a_bits", "kv_bits", "dataset
 CALIBRATION_COLUMNS = ["model", "method", "w_bits", "a_bits", "kv_bits", "calib_data", "calib_samples",
                        "calib_seqlen", "calib_seconds", "seconds_per_layer", "gpu_busy_share", "peak_gpu_mem_gib",
                        "jobs", "profile", "device"]
+# A timing depends on the device and on the runs sharing it: both are part of a calibration row's key.
+CALIBRATION_KEYS = [c for c in CALIBRATION_COLUMNS if c not in ("calib_seconds", "seconds_per_layer", "gpu_busy_share",
+                                                                "peak_gpu_mem_gib")]
 ZEROSHOT_COLUMNS = ["model", "method", "w_bits", "a_bits", "kv_bits", "task", "metric", "value", "stderr", "n", "limit",
                     "calib_data", "profile", "device"]
 VALUE_COLUMNS = {"ppl", "device", "calib_seconds", "seconds_per_layer", "gpu_busy_share", "peak_gpu_mem_gib", "jobs",
@@ -27,14 +30,18 @@ def key_columns(columns: list[str]) -> list[str]:
     return [c for c in columns if c not in VALUE_COLUMNS]
 
 
-def upsert_rows(csv_path: str | Path, rows: list[dict], columns: list[str], float_digits: int = 4) -> pd.DataFrame:
-    """Merge ``rows`` into the table at ``csv_path`` (replacing rows with the same key), write CSV + MD."""
+def upsert_rows(csv_path: str | Path, rows: list[dict], columns: list[str], float_digits: int = 4,
+                keys: list[str] | None = None) -> pd.DataFrame:
+    """Merge ``rows`` into the table at ``csv_path`` (replacing rows with the same key), write CSV + MD.
+
+    ``keys``: the columns identifying a row (default: :func:`key_columns`, every non-value column).
+    """
     csv_path = Path(csv_path)
     missing = [c for row in rows for c in columns if c not in row]
     if missing:
         raise KeyError(f"rows lack columns {sorted(set(missing))} for {csv_path.name}")
     new = pd.DataFrame([{c: row[c] for c in columns} for row in rows], columns=columns)
-    keys = key_columns(columns)
+    keys = keys or key_columns(columns)
     if csv_path.is_file():
         old = pd.read_csv(csv_path, keep_default_na=False, dtype=str)
         new_str = new.astype(str)

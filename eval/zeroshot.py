@@ -95,23 +95,55 @@ def average_rows(rows: list[dict]) -> list[dict]:
     return averages
 
 
+def cached_zero_shot(run_dir: Path, model_fn, task: str, subset: int | None, device: str, data_dir=None,
+                     batch_size: int = 16) -> dict:
+    """``{"rows", "device"}`` of one task for a run (or FP), stored in ``<run_dir>/eval/`` and reused after.
+
+    ``model_fn()`` returns the LoadedModel (see :func:`eval.experiments.lazy_model`); it is called
+    only when the task is not evaluated yet.
+    """
+    from .experiments import cached_json, device_label
+
+    def compute() -> dict:
+        loaded = model_fn()
+        loaded.model.to(device)
+        rows = zero_shot(loaded.model, loaded.tokenizer, [task], subset, batch_size=batch_size, data_dir=data_dir)
+        return {"rows": rows, "device": device_label(device)}
+    return cached_json(Path(run_dir) / "eval" / f"zeroshot-{task}-{subset or 'all'}.json", compute)
+
+
+def experiment_zero_shot(model_spec: str, exp, tasks: list[str], subset: int | None, calib, run_root,
+                         device: str = "cpu", profile: str = "smoke", data_dir=None, batch_size: int = 16,
+                         concurrent_jobs: int = 1) -> list[dict]:
+    """The long-format zero-shot rows (each task + the papers' averages) of one experiment.
+
+    Uses the experiment's run in ``run_root`` (the perplexity notebook's; quantized first if missing)
+    and the task results cached in it.
+    """
+    from qllm_core.models import display_name
+
+    from .experiments import FP_METHOD, ensure_run, experiment_columns, lazy_model
+
+    run_dir = Path(run_root) / exp.slug()
+    record = None if exp.method == FP_METHOD else ensure_run(model_spec, exp, run_dir, calib, device, data_dir,
+                                                               concurrent_jobs)
+    model_fn = lazy_model(model_spec, exp, run_dir)
+    results = [cached_zero_shot(run_dir, model_fn, t, subset, device, data_dir, batch_size) for t in tasks]
+    name = record["model_name"] if record else display_name(model_spec)
+    common = {**experiment_columns(exp, record, name, profile), "limit": subset or "all",
+              "device": results[0]["device"]}
+    rows = [{**row, "device": result["device"]} for result in results for row in result["rows"]]
+    return [{**common, **row} for row in rows + average_rows(rows)]
+
+
 def zero_shot_rows(model_spec: str, experiments: list, tasks: list[str], subset: int | None, calib, run_root,
                    device: str = "cpu", profile: str = "smoke", data_dir=None, batch_size: int = 16):
-    """Per experiment, the long-format zero-shot rows (tasks + the papers' averages) of its model.
-
-    Uses the experiment's run in ``run_root`` (the perplexity notebook's; quantized only if missing).
-    """
+    """Per experiment (with a progress bar), its :func:`experiment_zero_shot` rows."""
     from tqdm import tqdm
 
-    from .experiments import build_model, device_label, experiment_columns
-
     for exp in tqdm(experiments, desc="zero-shot models"):
-        loaded, record = build_model(model_spec, exp, Path(run_root), calib, device, data_dir)
-        loaded.model.to(device)
-        rows = zero_shot(loaded.model, loaded.tokenizer, tasks, subset, batch_size=batch_size, data_dir=data_dir)
-        common = {**experiment_columns(exp, record, loaded.name, profile), "limit": subset or "all",
-                  "device": device_label(device)}
-        yield [{**common, **row} for row in rows + average_rows(rows)]
+        yield experiment_zero_shot(model_spec, exp, tasks, subset, calib, run_root, device, profile, data_dir,
+                                   batch_size)
 
 
 def main(argv: list[str] | None = None) -> int:

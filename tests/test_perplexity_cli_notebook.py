@@ -98,6 +98,45 @@ def test_prequantize_makes_the_runs_the_notebook_reuses(tiny_model_dir, data_dir
     assert stored == ["ppl-ptb-2048-8.json", "ppl-wikitext2-2048-8.json"]
 
 
+def test_prequantize_zeroshot_evaluates_each_run_once(tiny_model_dir, data_dir, tmp_path):
+    """--zeroshot: every task of the profile's subset, cached in the run directory, rows with the averages;
+    --missing-only then finds nothing to do."""
+    from eval.zeroshot import TASKS
+
+    env = {**os.environ, "QLLM_DATA_DIR": str(data_dir), "HF_HUB_OFFLINE": "1"}
+    reports = tmp_path / "reports"
+    args = [sys.executable, "-m", "eval.prequantize", "--profile", "smoke", "--grid", "core", "--model",
+            str(tiny_model_dir), "--only-methods", "fp", "--run-root", str(tmp_path / "runs"), "--evaluate",
+            "--zeroshot", "--reports-dir", str(reports), "--missing-only"]
+    assert subprocess.run(args[:-5] + ["--zeroshot"], cwd=REPO, env=env, capture_output=True,
+                          text=True).returncode != 0  # --zeroshot without --evaluate is refused
+    done = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    table = pd.read_csv(reports / "tables" / "zeroshot.csv")
+    assert set(table.method) == {"fp"} and set(TASKS) | {"avg_qllm5", "avg_flatquant6"} == set(table.task)
+    per_task = table[table.task.isin(TASKS)]
+    assert (per_task.n == 10).all() and (per_task.limit.astype(str) == "10").all()
+    assert per_task[per_task.metric.isin(["acc", "acc_norm"])].value.between(0, 1).all()
+    cached = sorted(p.name for p in (tmp_path / "runs" / "fp-W16A16-s" / "eval").glob("zeroshot-*.json"))
+    assert cached == sorted(f"zeroshot-{t}-10.json" for t in TASKS)
+    again = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True)
+    assert again.returncode == 0 and again.stdout.startswith("0 runs to make"), again.stdout
+
+
+def test_cached_zero_shot_loads_no_model_once_stored(tmp_path):
+    import json
+
+    from eval.zeroshot import cached_zero_shot
+
+    stored = {"rows": [{"task": "piqa", "metric": "acc", "value": 0.5, "stderr": 0.1, "n": 4}], "device": "cpu"}
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "zeroshot-piqa-4.json").write_text(json.dumps(stored))
+
+    def no_model():
+        raise AssertionError("a stored result must not load the model")
+    assert cached_zero_shot(tmp_path, no_model, "piqa", 4, "cpu") == stored
+
+
 def test_calibration_row_reports_per_layer_time_and_sharing():
     from eval.experiments import calibration_row
 

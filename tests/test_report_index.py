@@ -45,6 +45,20 @@ def test_tables_are_stable_under_rewrites_and_row_order(tmp_path):
     assert first.read_text() == second.read_text() == (REPO / "reports" / "tables" / "perplexity.csv").read_text()
 
 
+def test_calibration_rows_of_other_devices_or_sharing_are_kept(tmp_path):
+    """A timing on another device, or with other runs sharing the GPU, is another measurement: kept beside;
+    the same device and sharing replaces it."""
+    from eval.reports import CALIBRATION_COLUMNS, CALIBRATION_KEYS
+
+    row = {c: "x" for c in CALIBRATION_COLUMNS} | {"calib_seconds": 130.0, "jobs": 1, "device": "H200"}
+    path = tmp_path / "calibration.csv"
+    upsert_rows(path, [row], CALIBRATION_COLUMNS, keys=CALIBRATION_KEYS)
+    upsert_rows(path, [row | {"device": "H100", "jobs": 2, "calib_seconds": 150.0}], CALIBRATION_COLUMNS,
+                keys=CALIBRATION_KEYS)
+    table = upsert_rows(path, [row | {"calib_seconds": 120.0}], CALIBRATION_COLUMNS, keys=CALIBRATION_KEYS)
+    assert sorted(zip(table.device, table.calib_seconds)) == [("H100", "150.0000"), ("H200", "120.0000")]
+
+
 def test_walkthrough_steps_on_a_real_layer(data_dir):
     """Disassembly is exact in FP, assembly restores the channel count; outliers are found (embedded model)."""
     from eval.walkthrough import disassembly_demo, outlier_table, study
