@@ -70,3 +70,16 @@ def test_walkthrough_steps_on_a_real_layer(data_dir):
     assert exact["relative FP output error"] < 1e-5 and exact["channels out"] == exact["channels in"] + exact["added sub-channels"]
     assert kept["channels out"] == kept["channels in"] and kept["relative FP output error"] > exact["relative FP output error"]
     assert exact["max |x| after"] < outlier_table(s)["max |x|"].iloc[0]
+
+
+def test_merge_tables_brings_rows_home_by_key(tmp_path):
+    """Rows from another reports dir replace the same measurement and leave the others."""
+    from eval.merge_tables import merge_tables
+
+    home, remote = tmp_path / "home", tmp_path / "remote" / "grid"
+    base = {c: "x" for c in PERPLEXITY_COLUMNS} | {"ppl": 10.0, "device": "cpu"}
+    upsert_rows(home / "tables" / "perplexity.csv", [base, base | {"dataset": "ptb", "ppl": 30.0}], PERPLEXITY_COLUMNS)
+    upsert_rows(remote / "tables" / "perplexity.csv", [base | {"ppl": 12.0, "device": "H100"}], PERPLEXITY_COLUMNS)
+    assert list(merge_tables(tmp_path / "remote", home).values()) == [1]
+    table = pd.read_csv(home / "tables" / "perplexity.csv")
+    assert sorted(zip(table.dataset, table.ppl, table.device)) == [("ptb", 30.0, "cpu"), ("x", 12.0, "H100")]
