@@ -11,9 +11,19 @@ Phases (rows of reports/tables/speedup.csv, long format):
   gemm     W4A4 GEMM (FP8 / int8 tensor cores) vs bf16 cuBLAS; FP8 and int8 cuBLAS for reference
   gemv     decode GEMV (W4A4, W4A16, and W4A4 with its transform+quantize launch) vs bf16
   linear   one W4A4 linear with FlatQuant's online transform vs bf16 cuBLAS
-  prefill / decode   one decoder layer, variants of kernels.llama_layer vs bf16
+  layers   rows of phase prefill / decode: one decoder layer, variants of kernels.llama_layer vs bf16
+           (incl. w4a4-fp8 / flatquant-fp8: prefill GEMMs on cuBLAS FP8, kernels/fp8_linear.py)
+  model    rows of phase prefill / decode with shape "llama2-7b-model": a stack of 32 LLaMA-2-7B
+           decoder layers (no embedding / LM head), quantized variants vs bf16 with the same bf16
+           SDPA attention; prefill batch x 2048 tokens, decode = one step (ms per token) at a
+           pre-filled KV cache of kv_len tokens. Columns mem_gb / baseline_mem_gb: peak GPU memory
+           (torch.cuda.max_memory_allocated) of one untimed forward: weights + input + KV cache +
+           activations; the weights alone go to tables/speedup_model_memory.csv. Not in the default
+           phases (~45 GB of GPU memory at batch 16, KV 4096): ``--phases model``.
 
-CLI: ``python -m eval.speedup --out reports [--quick] [--shapes llama2-7b ...] [--sweep]``.
+CLI: ``python -m eval.speedup --out reports [--quick] [--shapes llama2-7b ...] [--phases ...] [--merge] [--sweep]``.
+``--merge`` keeps the rows of earlier runs in tables/speedup.csv and replaces only those this run
+measured again (same shape, phase, batch, seqlen, kv_len, variant, baseline).
 """
 from __future__ import annotations
 
@@ -29,8 +39,11 @@ from pathlib import Path
 import pandas as pd
 
 COLUMNS = ["shape", "phase", "batch", "seqlen", "kv_len", "variant", "baseline", "baseline_ms", "ms", "speedup",
-           "device", "tflops", "gbps"]
+           "device", "tflops", "gbps", "mem_gb", "baseline_mem_gb"]
+MEM_COLUMNS = ["mem_gb", "baseline_mem_gb"]  # appended later: rows without a measurement hold "-" in the csv
+KEY_COLUMNS = ["shape", "phase", "batch", "seqlen", "kv_len", "variant", "baseline"]
 PREFILL_SEQ = 2048
+MODEL_LAYERS = 32  # LLaMA-2-7B
 L2_BYTES = 50 * 2**20
 
 
@@ -61,21 +74,25 @@ def _rotating(make, nbytes: int):
 class _Rows:
     def __init__(self, device: str):
         self.rows, self.device = [], device
+        self.model_weights = []  # weights-only GB per whole-model variant (bench_model)
 
-    def add(self, shape, phase, variant, baseline, baseline_ms, ms, batch=1, seqlen=0, kv_len=0, flop=None, nbytes=None):
+    def add(self, shape, phase, variant, baseline, baseline_ms, ms, batch=1, seqlen=0, kv_len=0, flop=None, nbytes=None,
+            mem_gb=None, baseline_mem_gb=None):
         row = dict(shape=shape, phase=phase, batch=batch, seqlen=seqlen, kv_len=kv_len, variant=variant,
                    baseline=baseline, baseline_ms=round(baseline_ms, 5), ms=round(ms, 5),
                    speedup=round(baseline_ms / ms, 3), device=self.device,
                    tflops=round(flop / ms / 1e9, 1) if flop else float("nan"),
-                   gbps=round(nbytes / ms / 1e6, 1) if nbytes else float("nan"))
+                   gbps=round(nbytes / ms / 1e6, 1) if nbytes else float("nan"),
+                   mem_gb=round(mem_gb, 3) if mem_gb is not None else float("nan"),
+                   baseline_mem_gb=round(baseline_mem_gb, 3) if baseline_mem_gb is not None else float("nan"))
         self.rows.append(row)
         if os.environ.get("QLLM_BENCH_JSONL"):  # rows survive a run that is cut short
             with open(os.environ["QLLM_BENCH_JSONL"], "a") as fh:
                 fh.write(json.dumps(row) + "\n")
         print(f"{shape:11s} {phase:8s} b={batch:<3d} s={seqlen:<5d} kv={kv_len:<5d} {variant:22s} "
               f"{ms:9.4f} ms  vs {baseline} {baseline_ms:9.4f} ms  x{row['speedup']:.2f}"
-              + (f"  {row['tflops']:.0f} TFLOP/s" if flop else "") + (f"  {row['gbps']:.0f} GB/s" if nbytes else ""),
-              flush=True)
+              + (f"  {row['tflops']:.0f} TFLOP/s" if flop else "") + (f"  {row['gbps']:.0f} GB/s" if nbytes else "")
+              + (f"  peak {mem_gb:.2f} GB vs {baseline_mem_gb:.2f} GB" if mem_gb is not None else ""), flush=True)
 
 
 def _linears(shape):
@@ -245,11 +262,96 @@ def bench_layers(rows, shapes, prefill_batches, decode_batches, kv_lens):
             torch.cuda.empty_cache()
 
 
+def _peak_gb(fn) -> float:
+    """Peak GPU memory (GB) while fn() runs once, counting everything allocated (weights included).
+    fn() runs once before, so that compilation and autotuning (whose timing runs allocate) are done."""
+    import torch
+    fn()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() / 1e9
+
+
+def _allocated_gb() -> float:
+    import torch
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    return torch.cuda.memory_allocated() / 1e9
+
+
+def bench_model(rows, prefill_batches, decode_batches, kv_lens, variants=("flatquant-fp8", "w4a4-fp8"),
+                n_layers: int = MODEL_LAYERS, shape=None, device: str = "cuda"):
+    """A whole LLaMA-2-7B-shaped decoder stack per variant, built one at a time (so each peak-memory
+    reading is that model's alone), bf16 first; ratios vs the bf16 stack of the same process.
+    Decode: one step with every layer's KV cache pre-filled to kv_len, in a CUDA graph (ms per
+    generated token; 128 tokens of decode cost ~128x that, the attention growing slightly).
+    shape: a kernels.llama_layer.LlamaShape (default LLaMA-2-7B); rows are tagged "<name>-model"."""
+    torch = _cuda()
+    from kernels.llama_layer import LLAMA_SHAPES
+    s = shape or LLAMA_SHAPES["llama2-7b"]
+    tag = f"{s.name}-model"
+    timed = {}
+    order = ["bf16"] + [v for v in variants if v != "bf16"]
+    with torch.no_grad():
+        for v in order:
+            try:
+                _model_cases(torch, timed, s, v, n_layers, prefill_batches, decode_batches, kv_lens, device, rows, tag)
+            except Exception as e:  # noqa: BLE001 - keep the other variants' numbers, say what broke
+                if v == "bf16":
+                    raise
+                print(f"{tag} {v} failed: {type(e).__name__}: {e}", flush=True)
+                torch.cuda.empty_cache()
+                continue
+            if v == "bf16":
+                continue
+            for (var, phase, b, kv), (ms, peak) in timed.items():  # rows as soon as a variant is done
+                if var == v:
+                    base_ms, base_peak = timed[("bf16", phase, b, kv)]
+                    rows.add(tag, phase, v, "bf16", base_ms, ms, batch=b,
+                             seqlen=PREFILL_SEQ if phase == "prefill" else 1, kv_len=kv, mem_gb=peak,
+                             baseline_mem_gb=base_peak)
+
+
+def _model_cases(torch, timed, s, v, n_layers, prefill_batches, decode_batches, kv_lens, device, rows, tag):
+    """Build one variant's stack, time its prefill and decode cases into timed[(v, phase, batch, kv)]."""
+    from kernels.llama_layer import build_stack
+    before = _allocated_gb()
+    model = build_stack(s, v, device, n_layers)
+    gb = _allocated_gb() - before
+    rows.model_weights.append(dict(shape=tag, layers=n_layers, variant=v, weights_gb=round(gb, 3), device=rows.device))
+    print(f"{tag} {v}: {n_layers} layers, {gb:.2f} GB of weights", flush=True)
+    for b in prefill_batches:
+        x = torch.randn(b, PREFILL_SEQ, s.hidden, device=device, dtype=torch.bfloat16)
+        fn = lambda: model(x)  # noqa: E731
+        peak = _peak_gb(fn)
+        timed[(v, "prefill", b, 0)] = (_bench(fn), peak)
+        del x, fn
+        torch.cuda.empty_cache()
+    for b in decode_batches:
+        for kv in kv_lens:
+            x = torch.randn(b, 1, s.hidden, device=device, dtype=torch.bfloat16)
+            caches = [tuple(torch.randn(b, s.kv_heads, kv + 1, s.head_dim, device=device, dtype=torch.bfloat16)
+                            for _ in range(2)) for _ in range(n_layers)]
+            fn = lambda: model(x, caches, kv_len=kv)  # noqa: E731
+            peak = _peak_gb(fn)
+            timed[(v, "decode", b, kv)] = (_bench(fn, graph=True), peak)
+            del x, caches, fn
+            torch.cuda.empty_cache()
+    del model
+    torch.cuda.empty_cache()
+
+
 PLANS = {
     "quick": dict(k1_tokens=[2048], gemm_tokens=[2048], gemv_batches=[1, 16], linear_tokens=[2048],
-                  prefill_batches=[1], decode_batches=[1, 16], kv_lens=[1024]),
+                  prefill_batches=[1], decode_batches=[1, 16], kv_lens=[1024],
+                  model_prefill_batches=[1, 4, 16], model_decode_batches=[1, 16], model_kv_lens=[512, 4096],
+                  model_variants=["flatquant-fp8", "w4a4-fp8"]),
     "full": dict(k1_tokens=[2048, 16 * 2048], gemm_tokens=[2048, 8192], gemv_batches=[1, 16], linear_tokens=[2048],
-                 prefill_batches=[1, 4, 16], decode_batches=[1, 16, 64], kv_lens=[512, 4096]),
+                 prefill_batches=[1, 4, 16], decode_batches=[1, 16, 64], kv_lens=[512, 4096],
+                 model_prefill_batches=[1, 4, 16], model_decode_batches=[1, 16], model_kv_lens=[512, 4096],
+                 model_variants=["flatquant-fp8", "w4a4-fp8"]),
 }
 
 
@@ -271,6 +373,8 @@ def run_benchmarks(shapes=None, quick: bool = False, phases=("kernel1", "gemm", 
         "gemv": lambda: bench_gemv(rows, sel, plan["gemv_batches"]),
         "linear": lambda: bench_linear(rows, sel, plan["linear_tokens"]),
         "layers": lambda: bench_layers(rows, sel, plan["prefill_batches"], plan["decode_batches"], plan["kv_lens"]),
+        "model": lambda: bench_model(rows, plan["model_prefill_batches"], plan["model_decode_batches"],
+                                     plan["model_kv_lens"], plan["model_variants"]),
     }
     for p in phases:
         try:
@@ -278,7 +382,9 @@ def run_benchmarks(shapes=None, quick: bool = False, phases=("kernel1", "gemm", 
         except Exception as e:  # noqa: BLE001 - keep the other phases' numbers, say what broke
             print(f"phase {p} failed: {type(e).__name__}: {e}", flush=True)
         torch.cuda.empty_cache()
-    return pd.DataFrame(rows.rows, columns=COLUMNS)
+    df = pd.DataFrame(rows.rows, columns=COLUMNS)
+    df.attrs["model_weights"] = rows.model_weights  # weights-only GB per model (phase "model")
+    return df
 
 
 def sweep_configs(m_prefill: int = 2048) -> pd.DataFrame:
@@ -329,38 +435,86 @@ def _md_table(df: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+OVERHEAD_PAIRS = [("flatquant", "w4a4"), ("quarot", "w4a4"), ("flatquant-fp8", "w4a4-fp8")]
+
+
 def overhead_table(df: pd.DataFrame) -> pd.DataFrame:
-    """Online-transform overhead per layer run: ms(variant) / ms(w4a4 without transform) − 1."""
+    """Online-transform overhead per layer (or model) run: ms(variant) / ms(same path without transform) − 1."""
     layer = df[df.phase.isin(["prefill", "decode"])]
     keys = ["shape", "phase", "batch", "seqlen", "kv_len"]
-    base = layer[layer.variant == "w4a4"].set_index(keys)["ms"]
     out = []
-    for v in ("flatquant", "quarot"):
+    for v, plain in OVERHEAD_PAIRS:
         sub = layer[layer.variant == v].set_index(keys)["ms"]
+        base = layer[layer.variant == plain].set_index(keys)["ms"]
         joined = (sub / base - 1).dropna().round(3).rename(f"{v}_overhead")
-        out.append(joined)
+        if len(joined):
+            out.append(joined)
     return pd.concat(out, axis=1).reset_index() if out else pd.DataFrame()
 
 
-def write_speedup_tables(df: pd.DataFrame, reports_dir: str | Path, note: str = "") -> None:
-    """Write tables/speedup.csv (+ .md) and figures/speedup_*.png under reports_dir."""
+def _numeric_mem(df: pd.DataFrame) -> pd.DataFrame:
+    """The memory columns as numbers ("-" and missing columns, e.g. rows of older csv files, become NaN)."""
+    df = df.copy()
+    for c in MEM_COLUMNS:
+        df[c] = pd.to_numeric(df[c], errors="coerce") if c in df else float("nan")
+    return df[COLUMNS]
+
+
+def merge_rows(old: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:
+    """Earlier rows, except those measured again in `new` (same KEY_COLUMNS), followed by `new`."""
+    old, new = _numeric_mem(old), _numeric_mem(new)
+    if not len(old):
+        return new
+    if not len(new):
+        return old
+    key = lambda d: d[KEY_COLUMNS].astype(str).agg("|".join, axis=1)  # noqa: E731
+    return pd.concat([old[~key(old).isin(set(key(new)))], new], ignore_index=True)
+
+
+def write_speedup_tables(df: pd.DataFrame, reports_dir: str | Path, note: str = "", merge: bool = False) -> None:
+    """Write tables/speedup.csv (+ .md) and figures/speedup_*.png under reports_dir; with merge, the
+    rows already in tables/speedup.csv stay unless df measures the same key again. Memory
+    columns without a measurement are written as "-". Whole-model weight memory
+    (df.attrs["model_weights"]) goes to tables/speedup_model_memory.csv."""
     reports = Path(reports_dir)
     (reports / "tables").mkdir(parents=True, exist_ok=True)
     (reports / "figures").mkdir(parents=True, exist_ok=True)
-    df.to_csv(reports / "tables" / "speedup.csv", index=False)
+    weights = df.attrs.get("model_weights") or []
+    csv = reports / "tables" / "speedup.csv"
+    df = merge_rows(pd.read_csv(csv), df) if merge and csv.exists() else _numeric_mem(df)
+    out = df.copy()
+    for c in MEM_COLUMNS:
+        out[c] = out[c].astype(object).where(out[c].notna(), "-")
+    out.to_csv(csv, index=False)
+    mem_csv = reports / "tables" / "speedup_model_memory.csv"
+    if weights:
+        w = pd.DataFrame(weights)
+        if merge and mem_csv.exists():
+            old = pd.read_csv(mem_csv)
+            w = pd.concat([old[~old.set_index(["shape", "variant"]).index.isin(w.set_index(["shape", "variant"]).index)],
+                           w], ignore_index=True)
+        w.to_csv(mem_csv, index=False)
+    weights = pd.read_csv(mem_csv) if mem_csv.exists() else pd.DataFrame()
     device = ", ".join(sorted(df.device.unique())) if len(df) else "no device"
     parts = [f"# Speed of the int4 kernels vs bf16 ({device})", "", note, "",
              "Long-format data: `speedup.csv` (columns " + ", ".join(COLUMNS) + "); speedup = baseline_ms / ms, "
              "both measured in the same run. Layer variants: see kernels/llama_layer.py; attention, norms and "
              "the KV cache stay bf16 in every variant.", ""]
-    for phase, title in [("prefill", "Decoder layer, prefill (seqlen 2048)"), ("decode", "Decoder layer, decode step"),
-                         ("kernel1", "Kernel 1: fused transform + quantize vs PyTorch"),
-                         ("gemm", "GEMM at LLaMA-2-7B shapes (seqlen column = M tokens)"),
-                         ("gemv", "Decode GEMV (weights rotated past L2)"), ("linear", "One linear layer, W4A4 vs bf16")]:
-        sub = df[df.phase == phase]
+    model = df["shape"].astype(str).str.endswith("-model")
+    for phase, title, rows in [
+            ("prefill", "Decoder layer, prefill (seqlen 2048)", ~model), ("decode", "Decoder layer, decode step", ~model),
+            ("prefill", "Whole model (32 decoder layers), prefill (seqlen 2048); mem = peak GB of one forward", model),
+            ("decode", "Whole model (32 decoder layers), one decode step at a pre-filled KV cache (ms per token); "
+                       "mem = peak GB of one step", model),
+            ("kernel1", "Kernel 1: fused transform + quantize vs PyTorch", ~model),
+            ("gemm", "GEMM at LLaMA-2-7B shapes (seqlen column = M tokens)", ~model),
+            ("gemv", "Decode GEMV (weights rotated past L2)", ~model), ("linear", "One linear layer, W4A4 vs bf16", ~model)]:
+        sub = df[(df.phase == phase) & rows]
         if len(sub):
             show = [c for c in COLUMNS if c not in ("phase", "device") and not sub[c].isna().all()]
             parts += [f"## {title}", "", _md_table(sub[show]), ""]
+    if len(weights):
+        parts += ["## Whole-model weight memory (GB allocated by building the stack)", "", _md_table(weights), ""]
     ov = overhead_table(df)
     if len(ov):
         parts += ["## Online transform overhead (ms / ms of the same layer without online transform − 1)", "",
@@ -387,7 +541,7 @@ def _plots(df: pd.DataFrame, figdir: Path) -> None:
             ax.axhline(1.0, color="k", lw=0.8)
             ax.set_title(shape)
             ax.set_ylabel("speedup vs bf16")
-        fig.suptitle(f"{phase}: one decoder layer ({sub.device.iloc[0]})")
+        fig.suptitle(f"{phase}: one decoder layer; *-model: a {MODEL_LAYERS}-layer stack ({sub.device.iloc[0]})")
         fig.tight_layout()
         fig.savefig(figdir / f"speedup_{phase}.png", dpi=110)
         plt.close(fig)
@@ -418,9 +572,15 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default="reports", help="reports directory (tables/ and figures/ are written inside)")
     ap.add_argument("--quick", action="store_true", help="LLaMA-2-7B only, fewer batch sizes")
     ap.add_argument("--shapes", nargs="*", help="subset of kernels.llama_layer.LLAMA_SHAPES")
-    ap.add_argument("--phases", nargs="*", default=["kernel1", "gemm", "gemv", "linear", "layers"])
-    for key in ("k1_tokens", "prefill_batches", "decode_batches", "kv_lens"):
+    ap.add_argument("--phases", nargs="*", default=["kernel1", "gemm", "gemv", "linear", "layers"],
+                    choices=["kernel1", "gemm", "gemv", "linear", "layers", "model"],
+                    help="'model' (whole 32-layer LLaMA-2-7B stack) is not in the default set")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the rows already in tables/speedup.csv, replacing only those measured again")
+    for key in ("k1_tokens", "prefill_batches", "decode_batches", "kv_lens", "model_prefill_batches",
+                "model_decode_batches", "model_kv_lens"):
         ap.add_argument("--" + key.replace("_", "-"), type=int, nargs="*", help=f"override the plan's {key}")
+    ap.add_argument("--model-variants", nargs="*", help="override the plan's model_variants (vs bf16)")
     ap.add_argument("--sweep", action="store_true", help="only time the tile configurations (writes bench/sweep.csv)")
     args = ap.parse_args(argv)
     torch = _cuda()
@@ -433,10 +593,21 @@ def main(argv=None) -> None:
         sweep_configs().to_csv(out / "bench" / "sweep.csv", index=False)
         return
     df = run_benchmarks(args.shapes, quick=args.quick, phases=args.phases, k1_tokens=args.k1_tokens,
-                        prefill_batches=args.prefill_batches, decode_batches=args.decode_batches, kv_lens=args.kv_lens)
-    write_speedup_tables(df, out, note=f"{'Quick run' if args.quick else 'Full run'}, {stamp}.")
+                        prefill_batches=args.prefill_batches, decode_batches=args.decode_batches, kv_lens=args.kv_lens,
+                        model_prefill_batches=args.model_prefill_batches,
+                        model_decode_batches=args.model_decode_batches, model_kv_lens=args.model_kv_lens,
+                        model_variants=args.model_variants)
     (out / "bench").mkdir(parents=True, exist_ok=True)
-    (out / "bench" / "speedup_meta.json").write_text(json.dumps({"stamp": stamp, "argv": sys.argv[1:]}, indent=1))
+    meta_path = out / "bench" / "speedup_meta.json"
+    meta = {"stamp": stamp, "argv": sys.argv[1:]}
+    note = f"{'Quick run' if args.quick else 'Full run'}, {stamp}."
+    if args.merge and meta_path.exists():  # the earlier runs' stamps stay with their rows
+        old = json.loads(meta_path.read_text())
+        meta = {"stamp": f"{old.get('stamp', '?')}; phases {','.join(args.phases)}: {stamp}",
+                "runs": {**old.get("runs", {}), ",".join(args.phases): "python -m eval.speedup " + " ".join(sys.argv[1:])}}
+        note = f"Merged tables: {meta['stamp']}."
+    write_speedup_tables(df, out, note=note, merge=args.merge)
+    meta_path.write_text(json.dumps(meta, indent=1))
     print(_md_table(df[["shape", "phase", "batch", "seqlen", "kv_len", "variant", "ms", "speedup"]]))
 
 

@@ -16,6 +16,12 @@ Variants (methods.md §2 "Placement"; QuaRot for the comparison of issue 6 (d)):
   down_proj), run as its own launch before the quantizer, like QuaRot's separate Hadamard
   kernel. Walsh-Hadamard factors where the size is a power of two; a random orthogonal
   stand-in otherwise (QuaRot's H_172 has no Sylvester form; the cost depends on sizes only).
+- ``w4a4-fp8`` / ``flatquant-fp8`` (issue 12): as ``w4a4`` / ``flatquant``, but the linears are
+  :class:`kernels.fp8_linear.FP8W4A4Linear`: prefill GEMMs on cuBLAS FP8 (kernel 1 writes e4m3
+  codes, ``torch._scaled_mm`` multiplies them exactly), decode on the packed-int4 Triton GEMV.
+
+:func:`build_stack` stacks ``n_layers`` independent decoder layers (whole-model benchmarks; no
+embedding or LM head, they are the same bf16 matrices in every variant).
 """
 from __future__ import annotations
 
@@ -26,10 +32,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .fp8_linear import FP8W4A4Linear
 from .kronecker import kronecker_factors
 from .qlinear import W4A4Linear
 
-VARIANTS = ("bf16", "w4a4", "flatquant", "quarot")
+VARIANTS = ("bf16", "w4a4", "flatquant", "quarot", "w4a4-fp8", "flatquant-fp8")
 
 
 @dataclass(frozen=True)
@@ -76,14 +83,14 @@ def _factor(n: int, kind: str, gen: torch.Generator, device) -> torch.Tensor:
 
 
 def _quant_linear(out_f: int, in_f: int, factors: tuple[int, int] | None, kind: str, fuse: bool,
-                  gen: torch.Generator, device) -> W4A4Linear:
+                  gen: torch.Generator, device, cls: type = W4A4Linear) -> W4A4Linear:
     packed = torch.randint(0, 256, (out_f, in_f // 2), dtype=torch.uint8, device=device)
     scale = torch.rand(out_f, device=device) * 1e-2 + 1e-3
     p1 = p2 = None
     if factors is not None:
         p1 = _factor(factors[0], kind, gen, device).to(torch.bfloat16)
         p2 = _factor(factors[1], kind, gen, device).to(torch.bfloat16)
-    return W4A4Linear(packed, scale, p1, p2, fuse_transform=fuse)
+    return cls(packed, scale, p1, p2, fuse_transform=fuse)
 
 
 def _bf16_linear(out_f: int, in_f: int, device) -> nn.Linear:
@@ -155,12 +162,38 @@ def build_layer(shape: LlamaShape, variant: str, device, seed: int = 0) -> Decod
     else:
         kron_h, kron_i = kronecker_factors(shape.hidden), kronecker_factors(shape.inter)
         heads = (shape.heads, shape.head_dim)
+        method, _, path = variant.partition("-")
         factors = {
             "w4a4": dict(qkv=None, o=None, gate_up=None, down=None),
             "flatquant": dict(qkv=kron_h, o=heads, gate_up=kron_h, down=kron_i),
             "quarot": dict(qkv=None, o=heads, gate_up=None, down=kron_i),
-        }[variant]
-        kind = "hadamard" if variant == "quarot" else "orthogonal"
-        lins = {name: _quant_linear(o, i, factors[name], kind, variant != "quarot", gen, device)
+        }[method]
+        kind = "hadamard" if method == "quarot" else "orthogonal"
+        cls = FP8W4A4Linear if path == "fp8" else W4A4Linear
+        lins = {name: _quant_linear(o, i, factors[name], kind, method != "quarot", gen, device, cls)
                 for name, (o, i) in dims.items()}
     return DecoderLayer(shape, device=device, **lins)
+
+
+class DecoderStack(nn.Module):
+    """n decoder layers applied in turn (a model without embedding and LM head)."""
+
+    def __init__(self, layers: list[DecoderLayer]):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+
+    def forward(self, x: torch.Tensor, kv_caches: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+                kv_len: int = 0) -> torch.Tensor:
+        """Prefill (kv_caches None) or one decode step with one preallocated KV cache per layer."""
+        for i, layer in enumerate(self.layers):
+            x = layer(x, kv_caches[i] if kv_caches is not None else None, kv_len=kv_len)
+        return x
+
+
+def build_stack(shape: LlamaShape, variant: str, device, n_layers: int, seed: int = 0) -> DecoderStack:
+    """n_layers independent random layers of `shape` in `variant` (each its own weights, so the
+    weight memory and traffic are a real model's); the RoPE tables are shared between layers."""
+    layers = [build_layer(shape, variant, device, seed=seed + i) for i in range(n_layers)]
+    for layer in layers[1:]:
+        layer.cos, layer.sin = layers[0].cos, layers[0].sin
+    return DecoderStack(layers)

@@ -16,6 +16,11 @@ then quantize), recomputing the cheap small matmuls instead of spilling Y to mem
 The same kernel without factors is the plain per-token quantizer (RTN/QLLM W4A4, QuaRot's
 quantizer after a separate Hadamard), and with QUANTIZE=False it writes the transformed
 activations in the input dtype (used by the W4A16 path and by the unfused comparison).
+
+Output formats of the codes (issue 12): ``"packed"`` (two int4 codes per byte, for the Triton
+W4A4 GEMM/GEMV) or ``"fp8"`` — symmetric codes -8..7 written one per byte as float8 e4m3, which
+holds them exactly, with the scale shaped (..., 1): the operands of ``torch._scaled_mm`` (cuBLAS
+FP8 GEMM with row-wise scales, kernels/fp8_linear.py). The fp8 store is fused (no int8 detour).
 """
 from __future__ import annotations
 
@@ -58,21 +63,37 @@ def _row_tile(x, p1t, p2_ptr, c: tl.constexpr, N2: tl.constexpr, B2: tl.constexp
 
 
 @triton.jit
+def _store_tile(vals, out_row_ptr, c: tl.constexpr, row_ok, N1: tl.constexpr, N2: tl.constexpr,
+                B1: tl.constexpr, BC: tl.constexpr):
+    """Store a (B1, BC) tile (columns [c*BC, (c+1)*BC) of the (n1, n2) row view) unpacked, one
+    element per output slot, converted to the output's dtype."""
+    i = tl.arange(0, B1)
+    cols = c * BC + tl.arange(0, BC)
+    mask = (i[:, None] < N1) & (cols[None, :] < N2) & row_ok
+    tl.store(out_row_ptr + i[:, None] * N2 + cols[None, :], vals.to(out_row_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _store_codes(y, scale, zero, out_row_ptr, c: tl.constexpr, row_ok, N1: tl.constexpr,
-                 N2: tl.constexpr, B1: tl.constexpr, BC: tl.constexpr, ASYM: tl.constexpr):
-    """Quantize a (B1, BC) tile with the token's scale/zero and store it as packed int4."""
+                 N2: tl.constexpr, B1: tl.constexpr, BC: tl.constexpr, ASYM: tl.constexpr,
+                 FP8_OUT: tl.constexpr):
+    """Quantize a (B1, BC) tile with the token's scale/zero and store it as packed int4, or with
+    FP8_OUT as one e4m3 value per code (integers -8..7 are exact in e4m3)."""
     v = tl.math.div_rn(y, scale)
     if ASYM:
         q = _round_half_even(tl.minimum(tl.maximum(v, -zero), 15.0 - zero)) + zero
     else:
         q = _round_half_even(tl.minimum(tl.maximum(v, -8.0), 7.0))
-    q = q.to(tl.int32)
-    even, odd = tl.split(tl.reshape(q, (B1, BC // 2, 2)))
-    packed = ((even & 15) | ((odd & 15) << 4)).to(tl.uint8)
-    i = tl.arange(0, B1)
-    jj = c * (BC // 2) + tl.arange(0, BC // 2)
-    mask = (i[:, None] < N1) & (jj[None, :] < N2 // 2) & row_ok
-    tl.store(out_row_ptr + i[:, None] * (N2 // 2) + jj[None, :], packed, mask=mask)
+    if FP8_OUT:  # via fp16 (exact for -8..7): fp16 -> e4m3 is the conversion kernels/w4_matmul.py uses on sm90
+        _store_tile(q.to(tl.float16), out_row_ptr, c, row_ok, N1, N2, B1, BC)
+    else:
+        q = q.to(tl.int32)
+        even, odd = tl.split(tl.reshape(q, (B1, BC // 2, 2)))
+        packed = ((even & 15) | ((odd & 15) << 4)).to(tl.uint8)
+        i = tl.arange(0, B1)
+        jj = c * (BC // 2) + tl.arange(0, BC // 2)
+        mask = (i[:, None] < N1) & (jj[None, :] < N2 // 2) & row_ok
+        tl.store(out_row_ptr + i[:, None] * (N2 // 2) + jj[None, :], packed, mask=mask)
 
 
 @triton.jit
@@ -81,7 +102,7 @@ def _transform_quant_kernel(
     M, stride_xm, stride_om, clip_ratio,
     N1: tl.constexpr, N2: tl.constexpr, B1: tl.constexpr, B2: tl.constexpr, BC: tl.constexpr,
     ROWS_PER_PROG: tl.constexpr, HAS_TRANSFORM: tl.constexpr, HAS_CHANNEL_SCALE: tl.constexpr,
-    QUANTIZE: tl.constexpr, ASYM: tl.constexpr, DOT_PREC: tl.constexpr,
+    QUANTIZE: tl.constexpr, ASYM: tl.constexpr, FP8_OUT: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     NUM_CHUNKS: tl.constexpr = B2 // BC
     pid = tl.program_id(0)
@@ -128,17 +149,14 @@ def _transform_quant_kernel(
                 zero = 0.0
             tl.store(scale_ptr + row, scale, mask=row_ok)
             # pass 2: quantize and pack; the first chunk is still on chip
-            _store_codes(y, scale, zero, out_row, 0, row_ok_col, N1, N2, B1, BC, ASYM)
+            _store_codes(y, scale, zero, out_row, 0, row_ok_col, N1, N2, B1, BC, ASYM, FP8_OUT)
             for c in tl.static_range(1, NUM_CHUNKS):
                 yc = _row_tile(x, p1t, p2_ptr, c, N2, B2, BC, HAS_TRANSFORM, DOT_PREC)
-                _store_codes(yc, scale, zero, out_row, c, row_ok_col, N1, N2, B1, BC, ASYM)
+                _store_codes(yc, scale, zero, out_row, c, row_ok_col, N1, N2, B1, BC, ASYM, FP8_OUT)
         else:
             for c in tl.static_range(NUM_CHUNKS):
                 yc = _row_tile(x, p1t, p2_ptr, c, N2, B2, BC, HAS_TRANSFORM, DOT_PREC)
-                cols = c * BC + tl.arange(0, BC)
-                mask = (i[:, None] < N1) & (cols[None, :] < N2) & row_ok_col
-                tl.store(out_row + i[:, None] * N2 + cols[None, :],
-                         yc.to(out_ptr.dtype.element_ty), mask=mask)
+                _store_tile(yc, out_row, c, row_ok_col, N1, N2, B1, BC)
 
 
 def _pow2(v: int, floor: int) -> int:
@@ -150,18 +168,23 @@ def _num_warps(tile: int) -> int:
     return 4 if tile <= 4096 else 8
 
 
+OUT_FORMATS = ("packed", "fp8")
+
+
 def transform_quant(x: torch.Tensor, p1: torch.Tensor | None = None, p2: torch.Tensor | None = None,
                     channel_scale: torch.Tensor | None = None, clip_ratio: float = 1.0,
                     asym: bool = False, quantize: bool = True, rows_per_prog: int | None = None,
-                    num_warps: int | None = None):
+                    num_warps: int | None = None, out_format: str = "packed"):
     """Y = X · diag(channel_scale) · (P1 ⊗ P2), then per-token int4 quantization, in one launch.
 
     x: (..., n) float16/bfloat16/float32, last dim contiguous. p1 (n1, n1), p2 (n2, n2) with
     n1 * n2 == n, both or neither; their dtype is the matmul operand dtype (bf16/fp16 on the
     tensor cores, float32 computed in IEEE fp32). channel_scale: optional (n,) multiplier.
-    Returns, with quantize=True: (packed uint8 (..., n/2), scale fp32 (...), zero fp32 (...) or
-    None); symmetric codes are int4 in [-8, 7], asymmetric ones uint4 in [0, 15] with the range
-    widened to include 0. With quantize=False: Y in x's dtype.
+    Returns, with quantize=True and out_format="packed": (packed uint8 (..., n/2), scale fp32
+    (...), zero fp32 (...) or None); symmetric codes are int4 in [-8, 7], asymmetric ones uint4
+    in [0, 15] with the range widened to include 0. out_format="fp8" (symmetric only): (codes as
+    torch.float8_e4m3fn (..., n), one per byte, exact; scale fp32 (..., 1); None) — the operands
+    of torch._scaled_mm with row-wise scales. With quantize=False: Y in x's dtype.
     """
     n = x.shape[-1]
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
@@ -172,6 +195,12 @@ def transform_quant(x: torch.Tensor, p1: torch.Tensor | None = None, p2: torch.T
         raise ValueError(f"int4 packing needs an even feature size, got {n}")
     if not 0.0 < clip_ratio <= 1.0:
         raise ValueError(f"clip_ratio must lie in (0, 1], got {clip_ratio}")
+    if out_format not in OUT_FORMATS:
+        raise ValueError(f"out_format must be one of {OUT_FORMATS}, got {out_format!r}")
+    fp8_out = quantize and out_format == "fp8"
+    if fp8_out and asym:
+        raise ValueError("out_format='fp8' writes symmetric int4 codes (-8..7) for torch._scaled_mm, which has "
+                         "no zero-point term; asymmetric activations need out_format='packed' (w4a4_matmul)")
     has_transform = p1 is not None
     if has_transform:
         n1, n2 = check_factors(n, p1, p2)
@@ -189,13 +218,14 @@ def transform_quant(x: torch.Tensor, p1: torch.Tensor | None = None, p2: torch.T
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     m = x2.shape[0]
-    if quantize:
+    if fp8_out:
+        out = torch.empty((m, n), dtype=torch.float8_e4m3fn, device=x.device)
+    elif quantize:
         out = torch.empty((m, n // 2), dtype=torch.uint8, device=x.device)
-        scale = torch.empty((m,), dtype=torch.float32, device=x.device)
-        zero = torch.empty((m,), dtype=torch.float32, device=x.device) if asym else None
     else:
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-        scale = zero = None
+    scale = torch.empty((m,), dtype=torch.float32, device=x.device) if quantize else None
+    zero = torch.empty((m,), dtype=torch.float32, device=x.device) if quantize and asym else None
     bc = b2 if (not has_transform or b2 <= 128) else 64
     rows = rows_per_prog or 1  # one token per program measured fastest (notes); >1 amortizes factor loads
     if m:
@@ -206,13 +236,25 @@ def transform_quant(x: torch.Tensor, p1: torch.Tensor | None = None, p2: torch.T
             m, x2.stride(0), out.stride(0), float(clip_ratio),
             N1=n1, N2=n2, B1=b1, B2=b2, BC=bc, ROWS_PER_PROG=rows,
             HAS_TRANSFORM=has_transform, HAS_CHANNEL_SCALE=channel_scale is not None,
-            QUANTIZE=quantize, ASYM=asym,
+            QUANTIZE=quantize, ASYM=asym, FP8_OUT=fp8_out,
             DOT_PREC="ieee" if has_transform and p1.dtype == torch.float32 else "tf32",
             num_warps=num_warps or _num_warps(b1 * b2), num_stages=1)
     if not quantize:
         return out.reshape(*lead, n)
+    if fp8_out:
+        return out.reshape(*lead, n), scale.reshape(*lead, 1), None
     return (out.reshape(*lead, n // 2), scale.reshape(lead),
             zero.reshape(lead) if zero is not None else None)
+
+
+def transform_quant_fp8(x: torch.Tensor, p1: torch.Tensor | None = None, p2: torch.Tensor | None = None,
+                        channel_scale: torch.Tensor | None = None, clip_ratio: float = 1.0, **launch):
+    """Kernel 1 for the FP8 prefill path: (codes float8_e4m3fn (..., n), scale fp32 (..., 1)).
+
+    Symmetric per-token int4 codes -8..7 stored exactly in e4m3, one per byte (see
+    :func:`transform_quant` with out_format="fp8"); launch: rows_per_prog / num_warps."""
+    codes, scale, _ = transform_quant(x, p1, p2, channel_scale, clip_ratio, out_format="fp8", **launch)
+    return codes, scale
 
 
 # ----------------------------------------------------------------------------- references
