@@ -103,14 +103,18 @@ def cached_perplexity(run_dir: Path, model_fn, dataset: str, seqlen: int, max_wi
 
 
 def calibration_row(common: dict, record: dict | None) -> dict | None:
-    """The calibration table's row of a finished run (wall time, per-layer time, GPU use), if calibrated."""
+    """The calibration table's row of a finished run (wall time, per-layer time, GPU use), if calibrated.
+
+    A run resumed from per-layer checkpoints has no whole-calibration wall time ("-"); its seconds per
+    layer come from the layers it calibrated itself.
+    """
     stats, calibration = (record or {}).get("stats"), (record or {}).get("calibration")
     if not stats or not calibration:
         return None
     groups = stats.get("group_seconds") or []
     per_layer = statistics.median(groups) / stats.get("layers_per_group", 1) if groups else None
     busy = stats.get("gpu_busy_share")
-    return {**common, "calib_seconds": stats["calib_seconds"],
+    return {**common, "calib_seconds": "-" if stats.get("resumed_layers") else stats["calib_seconds"],
             "seconds_per_layer": "-" if per_layer is None else round(per_layer, 3),
             "gpu_busy_share": "-" if busy is None else busy, "peak_gpu_mem_gib": stats.get("peak_gpu_mem_gib", "-"),
             "jobs": stats.get("concurrent_jobs", 1), "device": device_label(stats["device"])}

@@ -155,6 +155,17 @@ def activation_storage(device: torch.device, need_bytes: int, free_bytes: int | 
     return device
 
 
+def activation_copies(method: LayerMethod) -> int:
+    """Activation tensors of the whole calibration set the engine keeps while walking the layers.
+
+    FP inputs and outputs (+ the quantized inputs when the method tracks them); a group of several
+    layers also keeps its own inputs until its joint step. 0 for a method without calibration data.
+    """
+    if not method.needs_calibration:
+        return 0
+    return (3 if method.tracks_quant_inputs else 2) * (2 if method.layers_per_group > 1 else 1)
+
+
 class BlockwiseEngine:
     """Walk a model's decoder layers one at a time, applying a :class:`LayerMethod`.
 
@@ -173,6 +184,7 @@ class BlockwiseEngine:
         self.layer_dir = Path(layer_dir) if layer_dir is not None else None
         self.batch_size = batch_size
         self.group_seconds: list[float] = []  # wall time of each layer group (a layer, unless grouped)
+        self.resumed_layers = 0  # layers reloaded from checkpoints instead of calibrated by this run
 
     def checkpoint_path(self, index: int) -> Path | None:
         return None if self.layer_dir is None else self.layer_dir / f"{index:03d}.safetensors"
@@ -203,9 +215,7 @@ class BlockwiseEngine:
             raise ValueError(f"layers_per_group must be >= 1, got {size}")
         stream = None
         if method.needs_calibration:
-            # FP in/out (+ quantized inputs); a group also keeps its own inputs until its joint step.
-            copies = (3 if method.tracks_quant_inputs else 2) * (2 if size > 1 else 1)
-            storage = self._storage_for(calibration_ids, copies)
+            storage = self._storage_for(calibration_ids, activation_copies(method))
             stream = capture_layer0_inputs(self.model, self.adapter, calibration_ids, self.device, self.batch_size,
                                            storage)
         fp_inputs = stream.hidden if stream else None
@@ -243,7 +253,9 @@ class BlockwiseEngine:
             if quant_inputs is not None:  # through the group's final layers
                 quant_inputs = run_layer_batched(group, group_quant_inputs, kwargs, self.device, self.batch_size)
             group.to("cpu")  # a copy to the host: the group's GPU work is done when the clock stops
-            if not resume:
+            if resume:
+                self.resumed_layers += len(indices)
+            else:
                 self.group_seconds.append(time.perf_counter() - started)
         progress.close()
         self.model.to("cpu")

@@ -82,7 +82,7 @@ def quantize_to_run(
         engine.run(qmethod, calib_ids)
     stats = {"calib_seconds": round(time.time() - start, 2), "device": str(device), "concurrent_jobs": concurrent_jobs,
              "layers_per_group": qmethod.layers_per_group,
-             "group_seconds": [round(t, 3) for t in engine.group_seconds]}
+             "group_seconds": [round(t, 3) for t in engine.group_seconds], "resumed_layers": engine.resumed_layers}
     if on_gpu:
         stats["peak_gpu_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
         stats["gpu_busy_share"] = None if busy.mean is None else round(busy.mean, 3)

@@ -40,6 +40,15 @@ from .engine import call_layer
 from .quant import compiled_fake_quant, shared_inputs
 
 WARMUP_STEPS = 2  # eager steps before the CUDA graph is captured (lazy optimizer/scaler state)
+# Autocast dtypes a method may train with on CUDA (methods' ``amp_dtype`` option; CPU trains in float32).
+AMP_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": None}
+
+
+def resolve_amp_dtype(method: str, name: str) -> torch.dtype | None:
+    """The autocast dtype called ``name`` (None: float32), or a ValueError naming ``method``."""
+    if name not in AMP_DTYPES:
+        raise ValueError(f"{method}: amp_dtype must be one of {sorted(AMP_DTYPES)}, got {name!r}")
+    return AMP_DTYPES[name]
 
 SchedulerFactory = Callable[[torch.optim.Optimizer, int], torch.optim.lr_scheduler.LRScheduler]
 

@@ -3,7 +3,7 @@
 #
 #   bash scripts/gpu_session.sh SECONDS JOB [JOB ...]
 #
-# Each JOB is "GPUS:NAME" and runs one of the commands below pinned to those GPUs, in the background;
+# Each JOB is "GPUS:NAME[+NAME...]": the commands below, one after the other, pinned to those GPUs, in the background;
 # after SECONDS (or when every job has ended) whatever still runs is stopped and everything written
 # so far is copied to $OUT. Results accumulate in /root/results between calls of one warm machine and
 # runs in /root/runs (interrupted calibrations resume from their per-layer checkpoints), so a later
@@ -23,23 +23,43 @@ job() {  # the command of one job name
     alone)  # FlatQuant W4A4KV4 and QLLM W4A4, one run on the GPU at a time (issue 9's targets)
       echo "python -m eval.prequantize --profile paper --grid core --only-methods flatquant qllm --jobs-per-gpu 1 \
             --evaluate --missing-only --run-root /root/runs-alone --reports-dir $R/alone" ;;
-    speed)  # issue 12: the layer and whole-model benchmarks (ratios vs bf16 in the same run)
-      echo "python -m eval.speedup --quick --reports-dir $R/speed" ;;
-    cost)   # issue 11: LLaMA-shaped calibration cost
-      echo "python -m eval.calibration_cost --profile paper --device cuda --table $R/cost/calibration_cost.csv" ;;
-    tests)  # every GPU test of the suite
-      echo "python -m pytest -q -rs tests/kernels tests/test_training.py tests/test_flatquant.py" ;;
+    profile)  # issue 9: wall vs device time per training step (CUDA graphs, the methods' autocast)
+      echo "python eval/profile_calibration.py --label new --modes graph --cases flatquant qllm omniquant \
+            --out $R/profile/calib_profile_graph.json" ;;
+    speed)  # issue 12: layer + whole-model benchmarks, merged into the repo's speedup tables, then kept
+      echo "QLLM_BENCH_JSONL=$R/speed/speedup_issue12.jsonl python -m eval.speedup --out reports --merge \
+            --phases layers model --shapes llama2-7b --decode-batches 1 16 --kv-lens 512 4096 \
+            && cp reports/tables/speedup* reports/figures/speedup* $R/speed/" ;;
+    cost7)  # issue 11: LLaMA-2-7B / LLaMA-3-8B shapes, FlatQuant and QLLM
+      echo "python -m eval.calibration_cost --profile paper --device cuda --methods flatquant qllm \
+            --shapes llama2-7b llama3-8b --table $R/cost/calibration_cost.csv" ;;
+    cost70f)  # issue 11: FlatQuant on the 70B shapes (2 layers each)
+      echo "python -m eval.calibration_cost --profile paper --device cuda --methods flatquant \
+            --shapes llama2-70b llama3-70b --layers 2 --table $R/cost/calibration_cost_70f.csv" ;;
+    cost70q)  # issue 11: QLLM on LLaMA-2-70B, then GPTQ / QuaRot for reference
+      echo "python -m eval.calibration_cost --profile paper --device cuda --methods qllm --shapes llama2-70b \
+            --table $R/cost/calibration_cost_70q.csv && python -m eval.calibration_cost --profile paper \
+            --device cuda --methods gptq quarot --shapes llama2-7b llama3-8b llama2-70b \
+            --table $R/cost/calibration_cost_ref.csv" ;;
+    tests)  # the GPU tests of the suite (pytest travels as wheels in .whl)
+      echo "python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && PYTHONPATH=/tmp/site:\$PYTHONPATH \
+            python -m pytest -q -rs -x tests/kernels tests/test_training.py tests/test_flatquant.py" ;;
     *) echo "unknown job $1" >&2; return 1 ;;
   esac
 }
 
 pids=()
-for spec in "$@"; do
-  gpus=${spec%%:*}; name=${spec#*:}
-  cmd=$(job "$name") || exit 2
-  (cd "$PWD" && CUDA_VISIBLE_DEVICES=$gpus setsid bash -c "$cmd" >> "$R/$name.log" 2>&1; echo "exit $?" >> "$R/$name.log") &
+for spec in "$@"; do  # GPUS:NAME[+NAME...]: the names run one after the other on those GPUs
+  gpus=${spec%%:*}; names=${spec#*:}
+  cmds=()
+  for name in ${names//+/ }; do
+    cmd=$(job "$name") || exit 2
+    mkdir -p "$R/$name"
+    cmds+=("{ $cmd; } >> $R/$name.log 2>&1; echo \"exit \$?\" >> $R/$name.log")
+  done
+  (IFS=';'; CUDA_VISIBLE_DEVICES=$gpus setsid bash -c "${cmds[*]}") &
   pids+=($!)
-  echo "started $name on GPU(s) $gpus"
+  echo "started $names on GPU(s) $gpus"
 done
 end=$((SECONDS + DEADLINE))
 while [ $SECONDS -lt $end ] && [ -n "$(jobs -rp)" ]; do sleep 5; done

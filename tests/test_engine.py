@@ -82,11 +82,14 @@ def test_resume_after_crash_matches_single_run(tiny_llama, tmp_path):
     ids = torch.randint(0, 128, (2, 16))
     quant = QuantConfig(4, 8)
 
+    engines = []
+
     def run(layer_dir, fail_at=None):
         model, adapter = tiny_llama(layers=4)
         method = _RecordingMethod(quant)
         method.fail_at = fail_at
-        BlockwiseEngine(model, adapter, layer_dir=layer_dir).run(method, ids)
+        engines.append(BlockwiseEngine(model, adapter, layer_dir=layer_dir))
+        engines[-1].run(method, ids)
         return model, adapter
 
     single, _ = run(tmp_path / "single")
@@ -94,6 +97,8 @@ def test_resume_after_crash_matches_single_run(tiny_llama, tmp_path):
         run(tmp_path / "resumed", fail_at=2)
     assert sorted(p.name for p in (tmp_path / "resumed").iterdir()) == ["000.safetensors", "001.safetensors"]
     resumed, adapter = run(tmp_path / "resumed")
+    assert engines[0].resumed_layers == 0 and engines[-1].resumed_layers == 2  # timings say what ran here
+    assert len(engines[-1].group_seconds) == 2
     for a, b in zip(single.state_dict().items(), resumed.state_dict().items()):
         assert a[0] == b[0] and torch.equal(a[1], b[1]), a[0]
     assert float(adapter.layers[3].seen_mean) != 0.0

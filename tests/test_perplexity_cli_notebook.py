@@ -147,3 +147,5 @@ def test_calibration_row_reports_per_layer_time_and_sharing():
     assert row["seconds_per_layer"] == 3.0 and row["jobs"] == 3 and row["gpu_busy_share"] == "-"
     assert row["calib_seconds"] == 100.0 and row["device"] == "cpu"
     assert calibration_row({}, {"stats": None}) is None  # RTN: nothing calibrated
+    resumed = {**record, "stats": {**record["stats"], "resumed_layers": 8}}
+    assert calibration_row({}, resumed)["calib_seconds"] == "-"  # only part of the calibration ran here

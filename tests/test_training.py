@@ -236,3 +236,21 @@ def test_compiled_quantizer_equals_eager(request, dtype, symmetric, shape, clip_
     assert (step > 0).float().mean() <= 1e-3
     assert torch.linalg.norm((gx_c - gx_e).float()) <= 1e-2 * torch.linalg.norm(gx_e.float())
     assert torch.linalg.norm(gc_c - gc_e) <= 1e-2 * torch.linalg.norm(gc_e)
+
+
+@pytest.mark.parametrize("method", ["flatquant", "omniquant", "qllm"])
+def test_unknown_autocast_dtype_is_refused_by_name(method):
+    from qllm_core.methods import QuantConfig, make_method
+
+    with pytest.raises(ValueError, match="amp_dtype must be one of"):
+        make_method(method, QuantConfig(w_bits=4, a_bits=4), amp_dtype="float8")
+
+
+def test_official_autocast_dtypes_are_the_defaults():
+    """QLLM trains under bf16 autocast (official code), OmniQuant and FlatQuant fp16 with loss scaling."""
+    from qllm_core.methods import QuantConfig, make_method
+
+    bits = QuantConfig(w_bits=4, a_bits=4)
+    assert make_method("qllm", bits).opt["amp_dtype"] == "bfloat16"
+    assert make_method("omniquant", bits).options["amp_dtype"] == "float16"
+    assert make_method("flatquant", bits).settings["amp_dtype"] == "float16"

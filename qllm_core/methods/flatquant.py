@@ -44,7 +44,7 @@ from ..calib_stats import input_channel_absmax
 from ..engine import LayerContext
 from ..quant import OFF_BITS, QuantLinear, Quantizer, quantizers_off
 from ..transforms.kronecker import KroneckerTransform, factor_sizes, inverse_transpose
-from ..training import BlockTraining, train_block
+from ..training import BlockTraining, resolve_amp_dtype, train_block
 from ..transforms.learnable import HeadOutputTransform, LayerFactors, LearnableFactor, LearnableKronecker
 from .base import QuantMethod, quant_linears, resolve_options
 
@@ -64,7 +64,6 @@ DEFAULTS = {
     "weight_quantizer": "rtn",  # or "gptq" (after the transforms are fused)
     "seed": 0,
 }
-AMP_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 GROUP_SITES = {"qkv": ("q_proj", "k_proj", "v_proj"), "up": ("gate_proj", "up_proj"), "down": ("down_proj",)}
 
 
@@ -143,8 +142,7 @@ class FlatQuantMethod(QuantMethod):
         super().__init__(quant, **options)
         if self.settings["weight_quantizer"] not in ("rtn", "gptq"):
             raise ValueError(f"weight_quantizer must be 'rtn' or 'gptq', got {self.settings['weight_quantizer']!r}")
-        if self.settings["amp_dtype"] not in AMP_DTYPES:
-            raise ValueError(f"amp_dtype must be one of {sorted(AMP_DTYPES)}, got {self.settings['amp_dtype']!r}")
+        resolve_amp_dtype("FlatQuant", self.settings["amp_dtype"])  # a clear error for an unknown name
         if self.settings["batch_size"] < 1 or self.settings["epochs"] < 0:
             raise ValueError("batch_size must be >= 1 and epochs >= 0")
         # GPTQ wants Hessians of the inputs the quantized model actually sees.
@@ -247,7 +245,7 @@ class FlatQuantMethod(QuantMethod):
             inputs=ctx.fp_inputs, targets=ctx.fp_outputs, epochs=s["epochs"], batch_size=bsz, drop_last=True,
             scheduler=lambda opt, total: torch.optim.lr_scheduler.CosineAnnealingLR(
                 opt, T_max=total, eta_min=s["flat_lr"] * 1e-3),
-            amp_dtype=AMP_DTYPES[s["amp_dtype"]], normalise_loss=True,
+            amp_dtype=resolve_amp_dtype("FlatQuant", s["amp_dtype"]), normalise_loss=True,
             forward_context=LayerFactors(trans).cached)  # each Cayley factor once per step, batched
         self.train_stats = train_block(job, ctx.device, **self.trainer)
         for p in trained:

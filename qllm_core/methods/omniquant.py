@@ -8,7 +8,8 @@ MSE between the quantized layer's output on the inputs produced by the already-q
 (``ctx.fp_outputs``), with activation and KV quantizers active; then the weights are frozen.
 
 Defaults follow OmniQuant's code/scripts: ``lwc_lr`` 1e-2, weight decay 0, 20 epochs (its W4A4
-LLaMA scripts; W4A16 uses 20 as well), batch size 1. Only LWC is implemented; OmniQuant's
+LLaMA scripts; W4A16 uses 20 as well), batch size 1, fp16 autocast with loss scaling on CUDA
+(its ``torch.cuda.amp.autocast()`` + ``NativeScalerWithGradNormCount``; float32 on the CPU). Only LWC is implemented; OmniQuant's
 learnable equivalent transformation (LET) is not, so at W4A4 this baseline is weaker than the
 full OmniQuant numbers in the papers' tables (they use LWC+LET).
 """
@@ -19,7 +20,7 @@ from torch import nn
 from ..adapters import LINEAR_ROLES, ModelAdapter
 from ..engine import LayerContext
 from ..quant import QuantLinear
-from ..training import BlockTraining, train_block
+from ..training import BlockTraining, resolve_amp_dtype, train_block
 from .base import QuantConfig, QuantMethod, quant_linears
 
 
@@ -29,17 +30,20 @@ def clip_parameters(layer: nn.Module) -> list[nn.Parameter]:
 
 
 class OmniQuantLWCMethod(QuantMethod):
-    """Options: ``epochs`` (20), ``lr`` (1e-2), ``weight_decay`` (0.0), ``batch_size`` (1)."""
+    """Options: ``epochs`` (20), ``lr`` (1e-2), ``weight_decay`` (0.0), ``batch_size`` (1), ``amp_dtype``
+    ("float16"; "float32" turns autocast off)."""
 
     name = "omniquant"
     needs_calibration = True
     tracks_quant_inputs = True
 
     def __init__(self, quant: QuantConfig, epochs: int = 20, lr: float = 1e-2, weight_decay: float = 0.0,
-                 batch_size: int = 1):
+                 batch_size: int = 1, amp_dtype: str = "float16"):
         if epochs < 0 or batch_size < 1 or lr <= 0:
             raise ValueError(f"OmniQuant needs epochs >= 0, batch_size >= 1, lr > 0; got {epochs}, {batch_size}, {lr}")
-        super().__init__(quant, epochs=epochs, lr=lr, weight_decay=weight_decay, batch_size=batch_size)
+        resolve_amp_dtype("OmniQuant", amp_dtype)  # a clear error for an unknown name
+        super().__init__(quant, epochs=epochs, lr=lr, weight_decay=weight_decay, batch_size=batch_size,
+                         amp_dtype=amp_dtype)
 
     def build_layer(self, index: int, layer: nn.Module, adapter: ModelAdapter) -> None:
         super().build_layer(index, layer, adapter)
@@ -62,7 +66,8 @@ class OmniQuantLWCMethod(QuantMethod):
             name=f"OmniQuant layer {ctx.index}", module=layer, kwargs=ctx.layer_kwargs,
             param_groups=[{"params": params, "lr": self.options["lr"]}], inputs=ctx.quant_inputs,
             targets=ctx.fp_outputs, epochs=self.options["epochs"], batch_size=self.options["batch_size"],
-            weight_decay=self.options["weight_decay"])
+            weight_decay=self.options["weight_decay"],
+            amp_dtype=resolve_amp_dtype("OmniQuant", self.options["amp_dtype"]))
         try:
             self.train_stats = train_block(job, ctx.device, **self.trainer)
         finally:

@@ -30,8 +30,8 @@ reassembles each layer of a group (``calibrate_layer``), then hands the group to
 
 Deviations, stated: (a) OmniQuant-style learnable weight clipping (LWC) is not trained —
 weights are plain asymmetric per-channel min/max RTN, activations asymmetric per-token
-(``QuantConfig(w_asym=True, a_asym=True)``). (b) FP32 training (official: bf16 autocast).
-(c) The official final layer norm tuning (``tune_last_ln``) lies outside the decoder layers
+(``QuantConfig(w_asym=True, a_asym=True)``). (b) Error correction trains under bf16 autocast on
+CUDA, as the official code (``torch.cuda.amp.autocast(dtype=torch.bfloat16)``); float32 on the CPU. (c) The official final layer norm tuning (``tune_last_ln``) lies outside the decoder layers
 and is not done. (d) The search also evaluates "no reassembly" (see :mod:`qllm_core.reassembly`).
 """
 from __future__ import annotations
@@ -48,7 +48,7 @@ from ..calib_stats import capture_inputs, input_channel_absmax
 from ..engine import LayerContext, LayerGroup
 from ..quant import QuantLinear, quantizers_off
 from ..reassembly import ChannelReassembly, ReassemblyPlan, find_threshold
-from ..training import BlockTraining, train_block
+from ..training import BlockTraining, resolve_amp_dtype, train_block
 from .base import QuantMethod, quant_linears, resolve_options
 
 # Reassembly sites: the linears reading one input tensor (adapters.INPUT_GROUPS), o_proj excluded.
@@ -70,6 +70,7 @@ DEFAULT_OPTIONS = {
     "calibrate_bs": 1,  # windows whose activations feed pair scores and the theta search
     "max_candidates": None,  # None: every distinct count (paper); an int thins the sweep (smoke)
     "requantize": True,  # re-quantize the merged weights (False only for the fusion test)
+    "amp_dtype": "bfloat16",  # error-correction autocast on CUDA (official); "float32" turns it off
     "seed": 0,
 }
 
@@ -123,6 +124,7 @@ class QLLMMethod(QuantMethod):
         for key in ("rank", "epochs", "batch_size", "calibrate_bs", "num_layer"):
             if not isinstance(merged[key], int) or merged[key] < (0 if key == "epochs" else 1):
                 raise ValueError(f"QLLM option {key} must be a positive integer, got {merged[key]!r}")
+        resolve_amp_dtype("QLLM", merged["amp_dtype"])  # a clear error for an unknown name
         super().__init__(quant, **merged)
         self.opt = merged
         self.layers_per_group = merged["num_layer"]
@@ -194,7 +196,8 @@ class QLLMMethod(QuantMethod):
             name=f"QLLM error correction, layers from {ctx.index}", module=layer, kwargs=ctx.layer_kwargs,
             param_groups=[{"params": params, "lr": self.opt["lr"]}], inputs=inputs, targets=ctx.fp_outputs,
             epochs=self.opt["epochs"], batch_size=self.opt["batch_size"], weight_decay=0.0, shuffle=generator,
-            scheduler=lambda opt, total: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1.0 - s / total)))
+            scheduler=lambda opt, total: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1.0 - s / total)),
+            amp_dtype=resolve_amp_dtype("QLLM", self.opt["amp_dtype"]))
         self.train_stats = train_block(job, ctx.device, **self.trainer)
         self.train_log = self.train_stats.epoch_losses
         for q in qlinears:
