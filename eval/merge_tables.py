@@ -15,24 +15,26 @@ from pathlib import Path
 
 import pandas as pd
 
+from .calibration_cost import CALIBRATION_COST_COLUMNS, CALIBRATION_COST_KEYS
 from .reports import (CALIBRATION_COLUMNS, CALIBRATION_KEYS, PERPLEXITY_COLUMNS, ZEROSHOT_COLUMNS, key_columns,
                       upsert_rows)
 
 REPORTS = Path(__file__).resolve().parents[1] / "reports"
-# table file -> (columns, key columns)
-TABLES: dict[str, tuple[list[str], list[str]]] = {
-    "perplexity.csv": (PERPLEXITY_COLUMNS, key_columns(PERPLEXITY_COLUMNS)),
-    "calibration.csv": (CALIBRATION_COLUMNS, CALIBRATION_KEYS),
-    "zeroshot.csv": (ZEROSHOT_COLUMNS, key_columns(ZEROSHOT_COLUMNS)),
+# table file -> (file name pattern of the pieces to merge, columns, key columns)
+TABLES: dict[str, tuple[str, list[str], list[str]]] = {
+    "perplexity.csv": ("perplexity.csv", PERPLEXITY_COLUMNS, key_columns(PERPLEXITY_COLUMNS)),
+    "calibration.csv": ("calibration.csv", CALIBRATION_COLUMNS, CALIBRATION_KEYS),
+    "zeroshot.csv": ("zeroshot.csv", ZEROSHOT_COLUMNS, key_columns(ZEROSHOT_COLUMNS)),
+    "calibration_cost.csv": ("calibration_cost*.csv", CALIBRATION_COST_COLUMNS, CALIBRATION_COST_KEYS),
 }
 
 
 def merge_tables(source: Path, into: Path = REPORTS) -> dict[str, int]:
-    """Upsert every known table found under ``source`` (searched recursively) into ``into/tables``;
-    returns the number of rows merged per table file."""
+    """Upsert every known table found under ``source`` (searched recursively, in sorted path order)
+    into ``into/tables``; returns the number of rows merged per file."""
     merged: dict[str, int] = {}
-    for name, (columns, keys) in TABLES.items():
-        for path in sorted(Path(source).rglob(name)):
+    for name, (pattern, columns, keys) in TABLES.items():
+        for path in sorted(Path(source).rglob(pattern)):
             rows = pd.read_csv(path, keep_default_na=False, dtype=str).to_dict("records")
             if rows:
                 upsert_rows(into / "tables" / name, rows, columns, keys=keys)

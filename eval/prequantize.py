@@ -19,11 +19,13 @@ worker process (its peak GPU memory is its own) that takes a free GPU slot and g
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing
 import os
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -100,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--missing-only", action="store_true",
                         help="skip experiments whose rows (every dataset; every task with --zeroshot) are already "
                              "in the tables")
+    parser.add_argument("--set", action="append", default=[], metavar="METHOD.OPTION=JSON",
+                        help="override a method option for this call's runs (their run directories differ), "
+                             "e.g. flatquant.parallel_layers=1")
     parser.add_argument("--reports-dir", default=str(REPORTS))
     args = parser.parse_args(argv)
     if args.jobs_per_gpu < 1:
@@ -110,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     experiments = profile.grid(args.grid)
     if args.only_methods:
         experiments = [e for e in experiments if e.report_method in args.only_methods]
+    experiments = [with_options(e, args.set) for e in experiments]
     tables = Path(args.reports_dir) / "tables"
     if args.missing_only:
         experiments = [e for e in experiments if not (reported(tables / "perplexity.csv", profile, e) and (
@@ -146,6 +152,19 @@ def main(argv: list[str] | None = None) -> int:
                 if zs_rows:
                     upsert_rows(tables / "zeroshot.csv", zs_rows, ZEROSHOT_COLUMNS)
     return 1 if failures else 0
+
+
+def with_options(exp: Experiment, settings: list[str]) -> Experiment:
+    """``exp`` with the ``METHOD.OPTION=JSON`` settings of its method applied to its options."""
+    options = dict(exp.options)
+    for item in settings:
+        target, sep, value = item.partition("=")
+        method, dot, option = target.partition(".")
+        if not (sep and dot and method and option):
+            raise SystemExit(f"--set expects METHOD.OPTION=JSON, got {item!r}")
+        if method == exp.method:
+            options[option] = json.loads(value)
+    return replace(exp, options=options)
 
 
 def _rows_of(table_path: Path, profile, exp: Experiment) -> pd.DataFrame | None:

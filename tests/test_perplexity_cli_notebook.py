@@ -149,3 +149,15 @@ def test_calibration_row_reports_per_layer_time_and_sharing():
     assert calibration_row({}, {"stats": None}) is None  # RTN: nothing calibrated
     resumed = {**record, "stats": {**record["stats"], "resumed_layers": 8}}
     assert calibration_row({}, resumed)["calib_seconds"] == "-"  # only part of the calibration ran here
+
+
+def test_prequantize_set_overrides_one_methods_option():
+    from eval.experiments import Experiment
+    from eval.prequantize import with_options
+
+    flat = Experiment("flatquant", options={"parallel_layers": 5})
+    assert with_options(flat, ["flatquant.parallel_layers=1"]).options == {"parallel_layers": 1}
+    assert with_options(flat, ["flatquant.parallel_layers=1"]).slug() != flat.slug()  # its own run directory
+    assert with_options(Experiment("qllm"), ["flatquant.parallel_layers=1"]).options == {}
+    with pytest.raises(SystemExit, match="METHOD.OPTION=JSON"):
+        with_options(flat, ["parallel_layers=1"])
