@@ -117,8 +117,7 @@ def calibration_row(common: dict, record: dict | None) -> dict | None:
     return {**common, "calib_seconds": "-" if stats.get("resumed_layers") else stats["calib_seconds"],
             "seconds_per_layer": "-" if per_layer is None else round(per_layer, 3),
             "gpu_busy_share": "-" if busy is None else busy, "peak_gpu_mem_gib": stats.get("peak_gpu_mem_gib", "-"),
-            "jobs": stats.get("concurrent_jobs", 1), "layers_at_once": stats.get("parallel_layers", 1),
-            "device": device_label(stats["device"])}
+            "jobs": stats.get("concurrent_jobs", 1), "device": device_label(stats["device"])}
 
 
 def experiment_columns(exp: Experiment, record: dict | None, model_name: str, profile: str) -> dict:

@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
                              "in the tables")
     parser.add_argument("--set", action="append", default=[], metavar="METHOD.OPTION=JSON",
                         help="override a method option for this call's runs (their run directories differ), "
-                             "e.g. flatquant.parallel_layers=1")
+                             "e.g. qllm.epochs=1")
     parser.add_argument("--reports-dir", default=str(REPORTS))
     args = parser.parse_args(argv)
     if args.jobs_per_gpu < 1:

@@ -42,21 +42,18 @@ def method_grid(smoke: bool) -> tuple[list[Experiment], list[Experiment]]:
     otherwise every method runs with its paper defaults (the method classes' default options).
     """
     short = (lambda **kw: kw) if smoke else (lambda **kw: {})
-    # FlatQuant's layers train on FP inputs alone: on a GPU, 5 of them at once (30 layers = 6 chunks)
-    # overlap their many small kernels; the same numbers as one at a time (tests/test_training.py).
-    flat = dict(epochs=2) if smoke else dict(parallel_layers=5)
     omni_bits = QuantConfig(w_bits=4, a_bits=4, kv_bits=4, w_asym=True, a_asym=True)
     core = [
         Experiment("smoothquant", W4A4KV4),
         Experiment("quarot", W4A4KV4),
-        Experiment("flatquant", W4A4KV4, flat),
+        Experiment("flatquant", W4A4KV4, short(epochs=2)),
         Experiment("qllm", QLLM_BITS[0], short(epochs=1, max_candidates=12)),
     ]
     extra = [  # issue order: FlatQuant, QLLM (+ its asymmetric RTN baseline), then the other baselines
         Experiment("gptq", W4A16),
         Experiment("omniquant", omni_bits, short(epochs=2)),
-        Experiment("flatquant", W4A4, flat),
-        Experiment("flatquant", W4A16, flat),
+        Experiment("flatquant", W4A4, short(epochs=2)),
+        Experiment("flatquant", W4A16, short(epochs=2)),
         *[Experiment("rtn", bits, label="rtn-asym") for bits in QLLM_BITS],
         *[Experiment("qllm", bits, {"error_correction": False, **short(max_candidates=12)}, label="qllm-reassembly")
           for bits in QLLM_BITS],

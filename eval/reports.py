@@ -13,12 +13,11 @@ import pandas as pd
 PERPLEXITY_COLUMNS = ["model", "method", "w_bits", "a_bits", "kv_bits", "dataset", "windows", "ppl",
                       "calib_data", "calib_samples", "calib_seqlen", "profile", "device"]
 # calib_seconds: wall time of the whole calibration; seconds_per_layer: median wall time of a layer (a
-# group's over its layers); gpu_busy_share: mean NVML utilization during it; jobs: runs sharing the GPU;
-# layers_at_once: layers the engine calibrated at once (FlatQuant's parallel_layers; 1: in turn).
+# group's over its layers); gpu_busy_share: mean NVML utilization during it; jobs: runs sharing the GPU.
 CALIBRATION_COLUMNS = ["model", "method", "w_bits", "a_bits", "kv_bits", "calib_data", "calib_samples",
                        "calib_seqlen", "calib_seconds", "seconds_per_layer", "gpu_busy_share", "peak_gpu_mem_gib",
-                       "jobs", "layers_at_once", "profile", "device"]
-# A timing depends on the device, the runs sharing it and the layers calibrated at once: all part of the key.
+                       "jobs", "profile", "device"]
+# A timing depends on the device and on the runs sharing it: both are part of a calibration row's key.
 CALIBRATION_KEYS = [c for c in CALIBRATION_COLUMNS if c not in ("calib_seconds", "seconds_per_layer", "gpu_busy_share",
                                                                 "peak_gpu_mem_gib")]
 ZEROSHOT_COLUMNS = ["model", "method", "w_bits", "a_bits", "kv_bits", "task", "metric", "value", "stderr", "n", "limit",

@@ -66,12 +66,10 @@ class LayerMethod(Protocol):
     needs_calibration: bool  # False: no data needed (e.g. RTN)
     tracks_quant_inputs: bool  # True: also propagate inputs through the quantized layers
     layers_per_group: int  # consecutive layers that calibrate_group trains jointly (1: per layer)
-    parallel_layers: int  # layers handed to calibrate_layers at once (methods training on FP inputs only)
 
     def prepare_model(self, model: nn.Module, adapter: ModelAdapter) -> None: ...
     def build_layer(self, index: int, layer: nn.Module, adapter: ModelAdapter) -> None: ...
     def calibrate_layer(self, layer: nn.Module, ctx: LayerContext | None) -> None: ...
-    def calibrate_layers(self, layers: list[nn.Module], contexts: list[LayerContext | None]) -> None: ...
     def calibrate_group(self, group: LayerGroup, ctx: LayerContext | None) -> None: ...
 
 
@@ -165,24 +163,7 @@ def activation_copies(method: LayerMethod) -> int:
     """
     if not method.needs_calibration:
         return 0
-    if parallel_layers(method) > 1:  # the FP inputs of each layer handed over at once, + the last outputs
-        return parallel_layers(method) + 1
     return (3 if method.tracks_quant_inputs else 2) * (2 if method.layers_per_group > 1 else 1)
-
-
-def parallel_layers(method: LayerMethod) -> int:
-    """How many consecutive layers the engine calibrates at once (``method.parallel_layers``, checked).
-
-    Only for a method that trains each layer on the FP model's inputs (FlatQuant): its layers are
-    independent once those inputs are known. Groups and quantized-input tracking need the layers in turn.
-    """
-    count = getattr(method, "parallel_layers", 1)
-    if count < 1:
-        raise ValueError(f"parallel_layers must be >= 1, got {count}")
-    if count > 1 and (method.layers_per_group > 1 or method.tracks_quant_inputs):
-        raise ValueError(f"{method.name}: parallel_layers > 1 needs layers calibrated on FP inputs alone "
-                         "(no layer groups, no quantized-input tracking)")
-    return count
 
 
 class BlockwiseEngine:
@@ -242,17 +223,6 @@ class BlockwiseEngine:
         kwargs = _move(stream.kwargs, self.device) if stream else {}
         layers = list(self.adapter.layers)
         progress = tqdm(total=len(layers), desc=f"{method.name} layers")
-        if stream and parallel_layers(method) > 1:
-            self._run_parallel(method, layers, fp_inputs, kwargs, progress)
-        else:
-            self._run_groups(method, layers, fp_inputs, quant_inputs, kwargs, stream is not None, progress)
-        progress.close()
-        self.model.to("cpu")
-
-    def _run_groups(self, method: LayerMethod, layers: list[nn.Module], fp_inputs, quant_inputs, kwargs: dict,
-                    calibrated: bool, progress) -> None:
-        """Layers in turn, in groups of ``method.layers_per_group`` (``calibrated``: with data)."""
-        size = method.layers_per_group
         for first in range(0, len(layers), size):
             indices = range(first, min(first + size, len(layers)))
             # A group resumes only as a whole: its layers are saved after the joint step.
@@ -262,8 +232,7 @@ class BlockwiseEngine:
             for index in indices:
                 layer = layers[index]
                 layer.to(self.device)
-                fp_outputs = (run_layer_batched(layer, fp_inputs, kwargs, self.device, self.batch_size)
-                              if calibrated else None)
+                fp_outputs = run_layer_batched(layer, fp_inputs, kwargs, self.device, self.batch_size) if stream else None
                 method.build_layer(index, layer, self.adapter)
                 layer.to(self.device)  # modules created by build_layer start on the CPU
                 if resume:
@@ -288,39 +257,8 @@ class BlockwiseEngine:
                 self.resumed_layers += len(indices)
             else:
                 self.group_seconds.append(time.perf_counter() - started)
-
-    def _run_parallel(self, method: LayerMethod, layers: list[nn.Module], fp_inputs: torch.Tensor, kwargs: dict,
-                      progress) -> None:
-        """Layers ``method.parallel_layers`` at a time: the FP inputs of each computed first, then one
-        ``calibrate_layers`` call for those not saved yet; a layer's time is its chunk's wall time
-        divided by the layers the chunk calibrated."""
-        count = parallel_layers(method)
-        for first in range(0, len(layers), count):
-            started = time.perf_counter()
-            chunk = list(range(first, min(first + count, len(layers))))
-            todo, contexts = [], []
-            for index in chunk:
-                layer = layers[index]
-                layer.to(self.device)
-                fp_outputs = run_layer_batched(layer, fp_inputs, kwargs, self.device, self.batch_size)
-                method.build_layer(index, layer, self.adapter)
-                layer.to(self.device)  # modules created by build_layer start on the CPU
-                if self._saved(index):
-                    load_layer_state(layer, self.checkpoint_path(index))
-                    self.resumed_layers += 1
-                else:
-                    todo.append(index)
-                    contexts.append(self._context(index, fp_inputs, fp_outputs, None, kwargs))
-                fp_inputs = fp_outputs
-            if todo:
-                method.calibrate_layers([layers[i] for i in todo], contexts)
-            for index in chunk:
-                if index in todo and self.checkpoint_path(index) is not None:
-                    save_layer_state(layers[index], self.checkpoint_path(index))
-                layers[index].to("cpu")
-                progress.update()
-            if todo:
-                self.group_seconds.extend([(time.perf_counter() - started) / len(todo)] * len(todo))
+        progress.close()
+        self.model.to("cpu")
 
 
 def save_layer_state(layer: nn.Module, path: Path) -> None:

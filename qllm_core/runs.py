@@ -81,7 +81,7 @@ def quantize_to_run(
     with UtilizationSampler(device) as busy:
         engine.run(qmethod, calib_ids)
     stats = {"calib_seconds": round(time.time() - start, 2), "device": str(device), "concurrent_jobs": concurrent_jobs,
-             "layers_per_group": qmethod.layers_per_group, "parallel_layers": qmethod.parallel_layers,
+             "layers_per_group": qmethod.layers_per_group,
              "group_seconds": [round(t, 3) for t in engine.group_seconds], "resumed_layers": engine.resumed_layers}
     if on_gpu:
         stats["peak_gpu_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)

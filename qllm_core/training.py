@@ -18,10 +18,7 @@ host syncs set the pace. :func:`train_block` runs the same loop with
 * the quantized input of the linears reading one tensor (q/k/v, gate/up) computed once per step
   (:func:`~qllm_core.quant.qlinear.shared_inputs`), as the official codes apply one transform and
   one activation quantizer per tensor;
-* optionally on CUDA, fake quantizers compiled (:func:`~qllm_core.quant.compiled_fake_quant`);
-* :func:`train_blocks`: several independent jobs (FlatQuant's layers, which train on FP inputs
-  alone) interleaved step by step, each on its own CUDA stream with its own graph, so that the
-  small kernels of one step overlap those of the others on the GPU.
+* optionally on CUDA, fake quantizers compiled (:func:`~qllm_core.quant.compiled_fake_quant`).
 
 The numerics are the method's: same loss, optimizer, schedule, epochs and autocast. On the CPU the
 loop is the plain eager one (tests compare it with a straightforward reference loop); on CUDA the
@@ -174,73 +171,6 @@ class _Step:
         self.loss_sum += loss.detach()
 
 
-class _BlockRun:
-    """One :func:`train_block` run as a generator of steps, so several can be interleaved."""
-
-    def __init__(self, job: BlockTraining, device: torch.device, graph: bool, compile_quantizers: bool):
-        self.job, self.device, self.graph, self.compile = job, device, graph, compile_quantizers
-        self.stats = TrainingStats()
-        self.total = job.epochs * job.steps_per_epoch
-        cuda = device.type == "cuda"
-        # CUDA: every step runs on a side stream of its own (graph capture wants its warm-up steps to,
-        # and runs interleaved by train_blocks overlap on the GPU).
-        self.stream = torch.cuda.Stream(device) if cuda else None
-
-    @contextlib.contextmanager
-    def _on_stream(self):
-        """Grad mode, compiled quantizers and this run's stream, around one step (never across a yield)."""
-        with torch.enable_grad(), compiled_fake_quant(self.compile), torch.cuda.stream(self.stream):
-            yield
-
-    def steps(self):
-        """Run the job, yielding after every step (parameters are updated in place)."""
-        job, device, stats = self.job, self.device, self.stats
-        if self.total == 0:
-            return
-        start = time.perf_counter()
-        step = _Step(job, device)
-        if self.stream is not None:  # the step's state was made on the current stream
-            self.stream.wait_stream(torch.cuda.current_stream(device))
-        lrs = lr_table([g["lr"] for g in job.param_groups], job.scheduler, self.total)
-        static_x = static_t = cuda_graph = None
-        for batches in _batches(job, device):
-            for index in batches:
-                with self._on_stream():
-                    step.set_lr(lrs[stats.steps])
-                    x, target = job.inputs[index], job.targets[index]
-                    if cuda_graph is not None and x.shape == static_x.shape:
-                        static_x.copy_(x, non_blocking=True)
-                        static_t.copy_(target, non_blocking=True)
-                        cuda_graph.replay()
-                        stats.graph_steps += 1
-                    else:
-                        step.optimizer.zero_grad(set_to_none=True)
-                        step(x.to(device), target.to(device))
-                    stats.steps += 1
-                    if self.graph and cuda_graph is None and stats.steps == WARMUP_STEPS:
-                        static_x, static_t = x.to(device, copy=True), target.to(device, copy=True)
-                        cuda_graph = _capture(step, static_x, static_t)
-                yield
-            with self._on_stream():
-                epoch_loss = step.loss_sum.item() / len(batches)  # the one host sync of an epoch
-                step.loss_sum.zero_()
-            if not math.isfinite(epoch_loss):
-                raise FloatingPointError(f"{job.name}: non-finite loss in epoch {len(stats.epoch_losses)}")
-            stats.epoch_losses.append(epoch_loss)
-        if self.stream is not None:
-            torch.cuda.current_stream(device).wait_stream(self.stream)
-        stats.wall_seconds = time.perf_counter() - start
-
-
-def _checked(device, graph: bool | None, compile_quantizers: bool) -> tuple[torch.device, bool]:
-    device = torch.device(device)
-    cuda = device.type == "cuda"
-    graph = cuda if graph is None else graph
-    if (graph or compile_quantizers) and not cuda:
-        raise ValueError("CUDA graphs and compiled quantizers need a CUDA device")
-    return device, graph
-
-
 def train_block(job: BlockTraining, device: torch.device, graph: bool | None = None,
                 compile_quantizers: bool = False) -> TrainingStats:
     """Train ``job.param_groups`` (module docstring); parameters are updated in place.
@@ -249,26 +179,49 @@ def train_block(job: BlockTraining, device: torch.device, graph: bool | None = N
     its first steps pay for compilation). Both need CUDA. A non-finite epoch loss raises
     FloatingPointError naming ``job.name``.
     """
-    return train_blocks([job], device, graph, compile_quantizers)[0]
-
-
-def train_blocks(jobs: list[BlockTraining], device: torch.device, graph: bool | None = None,
-                 compile_quantizers: bool = False) -> list[TrainingStats]:
-    """Train independent jobs at once: their steps interleaved, each on its own CUDA stream.
-
-    For blocks that train on FP inputs only (FlatQuant), whose steps are many small kernels: kernels
-    of different streams run side by side on the GPU. Every job computes exactly what
-    :func:`train_block` alone would (own optimizer, scaler, schedule, graph); on the CPU the jobs
-    simply run one step each in turn.
-    """
-    device, graph = _checked(device, graph, compile_quantizers)
-    runs = [_BlockRun(job, device, graph, compile_quantizers) for job in jobs]
-    active = [run.steps() for run in runs]
-    while active:
-        for steps in list(active):
-            if next(steps, StopIteration) is StopIteration:
-                active.remove(steps)
-    return [run.stats for run in runs]
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    graph = cuda if graph is None else graph
+    if (graph or compile_quantizers) and not cuda:
+        raise ValueError("CUDA graphs and compiled quantizers need a CUDA device")
+    stats = TrainingStats()
+    total = job.epochs * job.steps_per_epoch
+    if total == 0:
+        return stats
+    start = time.perf_counter()
+    step = _Step(job, device)
+    lrs = lr_table([g["lr"] for g in job.param_groups], job.scheduler, total)
+    # CUDA: every step runs on a side stream, as graph capture wants its warm-up steps to.
+    stream = torch.cuda.Stream(device) if cuda else None
+    if stream is not None:
+        stream.wait_stream(torch.cuda.current_stream(device))
+    static_x = static_t = cuda_graph = None
+    with torch.enable_grad(), compiled_fake_quant(compile_quantizers), torch.cuda.stream(stream):
+        for batches in _batches(job, device):
+            for index in batches:
+                step.set_lr(lrs[stats.steps])
+                x, target = job.inputs[index], job.targets[index]
+                if cuda_graph is not None and x.shape == static_x.shape:
+                    static_x.copy_(x, non_blocking=True)
+                    static_t.copy_(target, non_blocking=True)
+                    cuda_graph.replay()
+                    stats.graph_steps += 1
+                else:
+                    step.optimizer.zero_grad(set_to_none=True)
+                    step(x.to(device), target.to(device))
+                stats.steps += 1
+                if graph and cuda_graph is None and stats.steps == WARMUP_STEPS:
+                    static_x, static_t = x.to(device, copy=True), target.to(device, copy=True)
+                    cuda_graph = _capture(step, static_x, static_t)
+            epoch_loss = step.loss_sum.item() / len(batches)  # the one host sync of an epoch
+            step.loss_sum.zero_()
+            if not math.isfinite(epoch_loss):
+                raise FloatingPointError(f"{job.name}: non-finite loss in epoch {len(stats.epoch_losses)}")
+            stats.epoch_losses.append(epoch_loss)
+    if stream is not None:
+        torch.cuda.current_stream(device).wait_stream(stream)
+    stats.wall_seconds = time.perf_counter() - start
+    return stats
 
 
 def _capture(step: _Step, static_x: torch.Tensor, static_t: torch.Tensor) -> torch.cuda.CUDAGraph:

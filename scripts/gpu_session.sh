@@ -19,13 +19,10 @@ job() {  # the command of one job name
   case "$1" in
     grid)   # every paper run (26 + FP): calibration, perplexity on the full test sets, zero-shot full sets
       echo "python -m eval.prequantize --profile paper --grid all --jobs-per-gpu 2 --evaluate --zeroshot \
-            --zeroshot-batch-size 64 --missing-only --run-root /root/runs --reports-dir $R/grid" ;;
-    alone)  # FlatQuant W4A4KV4 (5 layers at once) and QLLM W4A4, one run on the GPU at a time (issue 9's targets)
+            --zeroshot-batch-size 64 --missing-only --run-root /root/runs --reports-dir $R/grid ${GRID_ARGS:-}" ;;
+    alone)  # the FlatQuant and QLLM runs of the paper grid, one run on the GPU at a time (issue 9)
       echo "python -m eval.prequantize --profile paper --grid core --only-methods flatquant qllm --jobs-per-gpu 1 \
             --evaluate --missing-only --run-root /root/runs-alone --reports-dir $R/alone" ;;
-    inturn)  # the same FlatQuant run one layer at a time: the baseline of the line above, same device
-      echo "python -m eval.prequantize --profile paper --grid core --only-methods flatquant --jobs-per-gpu 1 \
-            --set flatquant.parallel_layers=1 --evaluate --run-root /root/runs-alone --reports-dir $R/inturn" ;;
     profile)  # issue 9: wall vs device time per training step (CUDA graphs, the methods' autocast)
       echo "python eval/profile_calibration.py --label new --modes graph --cases flatquant qllm omniquant \
             --out $R/profile/calib_profile_graph.json" ;;

@@ -155,9 +155,9 @@ def test_prequantize_set_overrides_one_methods_option():
     from eval.experiments import Experiment
     from eval.prequantize import with_options
 
-    flat = Experiment("flatquant", options={"parallel_layers": 5})
-    assert with_options(flat, ["flatquant.parallel_layers=1"]).options == {"parallel_layers": 1}
-    assert with_options(flat, ["flatquant.parallel_layers=1"]).slug() != flat.slug()  # its own run directory
-    assert with_options(Experiment("qllm"), ["flatquant.parallel_layers=1"]).options == {}
+    flat = Experiment("flatquant", options={"epochs": 15})
+    assert with_options(flat, ["flatquant.epochs=2"]).options == {"epochs": 2}
+    assert with_options(flat, ["flatquant.epochs=2"]).slug() != flat.slug()  # its own run directory
+    assert with_options(Experiment("qllm"), ["flatquant.epochs=2"]).options == {}
     with pytest.raises(SystemExit, match="METHOD.OPTION=JSON"):
-        with_options(flat, ["parallel_layers=1"])
+        with_options(flat, ["epochs=2"])

@@ -115,26 +115,17 @@ def _params(job) -> list[torch.Tensor]:
     return [p.detach().clone() for g in job.param_groups for p in g["params"]]
 
 
-def spy_on_training(monkeypatch, module, trainer, record):
-    """Route ``module``'s training (``train_block``, or ``train_blocks`` where it trains several jobs at
-    once) through ``trainer(job, device, **kwargs)``, calling ``record(job, before, result)`` per job."""
-    def one(job, device, **kwargs):
-        before = _params(job)
-        result = trainer(job, device, **kwargs)
-        record(job, before, result)
-        return result
-
-    if hasattr(module, "train_blocks"):
-        monkeypatch.setattr(module, "train_blocks", lambda jobs, device, **kw: [one(j, device, **kw) for j in jobs])
-    else:
-        monkeypatch.setattr(module, "train_block", one)
-
-
 def trained_parameters(monkeypatch, module, trainer, method_name, quant, options):
     """Calibrate a tiny model on the CPU; each training's parameters (before, after) it."""
     snapshots = []
-    spy_on_training(monkeypatch, module, trainer,
-                    lambda job, before, result: snapshots.append((before, _params(job), result.epoch_losses)))
+
+    def spy(job, device, **kwargs):
+        before = _params(job)
+        result = trainer(job, device, **kwargs)
+        snapshots.append((before, _params(job), result.epoch_losses))
+        return result
+
+    monkeypatch.setattr(module, "train_block", spy)
     model = make_tiny_llama(layers=2)
     ids = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(3))
     BlockwiseEngine(model, ModelAdapter(model), "cpu").run(make_method(method_name, quant, **options), ids)
@@ -177,11 +168,13 @@ def test_train_block_refuses_graphs_without_cuda():
 def cuda_trained(monkeypatch, module, name, quant, options, **trainer):
     snapshots, stats = [], []
 
-    def record(job, _before, result):
+    def spy(job, device, **_):
+        result = train_block(job, device, **trainer)
         stats.append(result)
         snapshots.append(_params(job))
+        return result
 
-    spy_on_training(monkeypatch, module, lambda job, device, **_: train_block(job, device, **trainer), record)
+    monkeypatch.setattr(module, "train_block", spy)
     model = make_tiny_llama(hidden=128, intermediate=256, heads=4, kv_heads=2, layers=2)
     ids = torch.randint(0, 128, (8, 64), generator=torch.Generator().manual_seed(3))
     BlockwiseEngine(model, ModelAdapter(model), "cuda").run(make_method(name, quant, **options), ids)
@@ -261,50 +254,3 @@ def test_official_autocast_dtypes_are_the_defaults():
     assert make_method("qllm", bits).opt["amp_dtype"] == "bfloat16"
     assert make_method("omniquant", bits).options["amp_dtype"] == "float16"
     assert make_method("flatquant", bits).settings["amp_dtype"] == "float16"
-
-
-def _flatquant_state(device: str, parallel: int, layer_dir=None, layers: int = 3):
-    model = make_tiny_llama(hidden=128, intermediate=256, heads=4, kv_heads=2, layers=layers)
-    ids = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(3))
-    method = make_method("flatquant", QuantConfig(w_bits=4, a_bits=4, kv_bits=4), epochs=2, batch_size=2,
-                         parallel_layers=parallel)
-    engine = BlockwiseEngine(model, ModelAdapter(model), device, layer_dir)
-    engine.run(method, ids)
-    return model.state_dict(), engine
-
-
-def test_layers_calibrated_at_once_equal_layers_in_turn(tmp_path):
-    """FlatQuant's parallel_layers only schedules: the same model as layer by layer, bit for bit (CPU),
-    with one time per calibrated layer; a resumed chunk calibrates only its unsaved layers."""
-    alone, _ = _flatquant_state("cpu", 1)
-    together, engine = _flatquant_state("cpu", 2, tmp_path / "layers")
-    assert len(engine.group_seconds) == 3
-    for (name, a), b in zip(alone.items(), together.values()):
-        assert torch.equal(a, b), name
-    (tmp_path / "layers" / "002.safetensors").unlink()  # as if the run died in the last chunk
-    resumed, engine = _flatquant_state("cpu", 2, tmp_path / "layers")
-    assert engine.resumed_layers == 2 and len(engine.group_seconds) == 1
-    for (name, a), b in zip(alone.items(), resumed.values()):
-        assert torch.equal(a, b), name
-
-
-def test_parallel_layers_refused_where_layers_depend_on_each_other():
-    with pytest.raises(ValueError, match="parallel_layers > 1 needs layers calibrated on FP inputs alone"):
-        make_method("flatquant", QuantConfig(w_bits=4, a_bits=4), weight_quantizer="gptq", parallel_layers=2)
-    with pytest.raises(ValueError, match="parallel_layers must be >= 1"):
-        make_method("flatquant", QuantConfig(w_bits=4, a_bits=4), parallel_layers=0)
-
-
-@cuda
-@pytest.mark.gpu
-def test_layers_trained_on_streams_match_layers_in_turn_on_cuda():
-    """On CUDA the interleaved trainings (own stream and graph each) end where trainings in turn do.
-    Tolerance as the graph-vs-eager test: 2e-3 of each tensor's scale (fp16 autocast, atomics)."""
-    alone, _ = _flatquant_state("cuda", 1)
-    together, _ = _flatquant_state("cuda", 3)
-    for (name, a), b in zip(alone.items(), together.values()):
-        if a.is_floating_point():
-            scale = a.abs().max().clamp(min=1e-3)
-            assert (a.float() - b.float()).abs().max() <= 2e-3 * scale, name
-        else:
-            assert torch.equal(a, b), name

@@ -88,7 +88,6 @@ class QuantMethod:
     needs_calibration: ClassVar[bool] = False
     tracks_quant_inputs: ClassVar[bool] = False
     layers_per_group: int = 1  # see calibrate_group
-    parallel_layers: int = 1  # see calibrate_layers
 
     def __init__(self, quant: QuantConfig, **options):
         self.quant = quant
@@ -119,11 +118,6 @@ class QuantMethod:
     def calibrate_layer(self, layer: nn.Module, ctx: LayerContext | None) -> None:
         for qlinear in quant_linears(layer).values():
             qlinear.freeze_weight()
-
-    def calibrate_layers(self, layers: list[nn.Module], contexts: list[LayerContext | None]) -> None:
-        """Independent layers handed over at once (``parallel_layers`` > 1); here one after the other."""
-        for layer, ctx in zip(layers, contexts):
-            self.calibrate_layer(layer, ctx)
 
     def calibrate_group(self, group: LayerGroup, ctx: LayerContext | None) -> None:
         """Joint step over ``layers_per_group`` calibrated layers (QLLM's error correction); none here."""

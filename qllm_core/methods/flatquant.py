@@ -33,8 +33,6 @@ calibration) and raises.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
@@ -43,10 +41,10 @@ from ..algorithms.gptq import gptq_quantize_layer
 from ..algorithms.smoothing import smoothing_scales, weight_column_absmax
 from ..attention import enable_attention_hooks, set_attention_hook
 from ..calib_stats import input_channel_absmax
-from ..engine import LayerContext, parallel_layers
+from ..engine import LayerContext
 from ..quant import OFF_BITS, QuantLinear, Quantizer, quantizers_off
 from ..transforms.kronecker import KroneckerTransform, factor_sizes, inverse_transpose
-from ..training import BlockTraining, resolve_amp_dtype, train_blocks
+from ..training import BlockTraining, resolve_amp_dtype, train_block
 from ..transforms.learnable import HeadOutputTransform, LayerFactors, LearnableFactor, LearnableKronecker
 from .base import QuantMethod, quant_linears, resolve_options
 
@@ -65,25 +63,8 @@ DEFAULTS = {
     "amp_dtype": "float16",  # CUDA only; "bfloat16" for non-LLaMA families in the official code
     "weight_quantizer": "rtn",  # or "gptq" (after the transforms are fused)
     "seed": 0,
-    # Layers calibrated at once (each on its own FP inputs, their steps interleaved on CUDA streams):
-    # how the work is scheduled, not what it computes. Not with weight_quantizer="gptq" (which needs
-    # the quantized layers' inputs in turn).
-    "parallel_layers": 1,
 }
 GROUP_SITES = {"qkv": ("q_proj", "k_proj", "v_proj"), "up": ("gate_proj", "up_proj"), "down": ("down_proj",)}
-
-
-@dataclass
-class _Prepared:
-    """A layer between set-up and materialisation (see :meth:`FlatQuantMethod.calibrate_layers`)."""
-
-    layer: nn.Module
-    ctx: LayerContext
-    linears: dict[str, nn.Module]
-    hook: nn.Module | None
-    trans: "LayerTransforms"
-    frozen: dict[str, nn.Module]
-    job: BlockTraining | None
 
 
 class FlatQuantKVHook(nn.Module):
@@ -166,8 +147,6 @@ class FlatQuantMethod(QuantMethod):
             raise ValueError("batch_size must be >= 1 and epochs >= 0")
         # GPTQ wants Hessians of the inputs the quantized model actually sees.
         self.tracks_quant_inputs = self.settings["weight_quantizer"] == "gptq"
-        self.parallel_layers = self.settings["parallel_layers"]
-        parallel_layers(self)  # a clear error for a count < 1 or combined with GPTQ
 
     # -- structure (deterministic; recreated when a run is loaded) --------------------------------
     def prepare_model(self, model: nn.Module, adapter: ModelAdapter) -> None:
@@ -201,24 +180,8 @@ class FlatQuantMethod(QuantMethod):
 
     # -- calibration ---------------------------------------------------------------------------
     def calibrate_layer(self, layer: nn.Module, ctx: LayerContext | None) -> None:
-        self.calibrate_layers([layer], [ctx])
-
-    def calibrate_layers(self, layers: list[nn.Module], contexts: list[LayerContext | None]) -> None:
-        """Calibrate layers that each train on their own FP inputs (the engine hands ``parallel_layers``
-        of them at once): every layer is set up, their trainings run interleaved on separate CUDA
-        streams (:func:`~qllm_core.training.train_blocks`; each computes what it would alone), then
-        each layer's transforms are materialised."""
-        if any(ctx is None for ctx in contexts):
+        if ctx is None:
             raise ValueError("FlatQuant needs calibration data (ctx is None)")
-        prepared = [self._prepare(layer, ctx) for layer, ctx in zip(layers, contexts)]
-        jobs = [p.job for p in prepared if p.job is not None]
-        if jobs:
-            self.train_stats = train_blocks(jobs, contexts[0].device, **self.trainer)[-1]
-        for p in prepared:
-            self._finish(p)
-
-    def _prepare(self, layer: nn.Module, ctx: LayerContext) -> _Prepared:
-        """Learnable transforms attached to ``layer`` and its training job (None: nothing to train)."""
         adapter, device = ctx.adapter, ctx.device
         linears = {role: adapter.linear(layer, role) for sites in GROUP_SITES.values() for role in sites}
         linears["o_proj"] = adapter.linear(layer, "o_proj")
@@ -229,18 +192,11 @@ class FlatQuantMethod(QuantMethod):
         trans = LayerTransforms(adapter, self._initial_scales(layer, ctx, linears), hook is not None, generator,
                                 self.settings["direct_inv"]).to(device)
         frozen = self._attach(layer, linears, hook, trans)
-        return _Prepared(layer, ctx, linears, hook, trans, frozen, self._job(layer, ctx, trans))
-
-    def _finish(self, p: _Prepared) -> None:
-        """After training: materialise the transforms into the frozen form and freeze the weights."""
-        if p.job is not None:
-            for group in p.job.param_groups:
-                for param in group["params"]:
-                    param.requires_grad_(False)
-        self._materialise(p.layer, p.ctx.adapter, p.linears, p.hook, p.trans, p.frozen)
+        self._train(layer, ctx, trans)
+        self._materialise(layer, adapter, linears, hook, trans, frozen)
         if self.settings["weight_quantizer"] == "gptq":
-            gptq_quantize_layer(p.layer, p.ctx)
-        for qlinear in quant_linears(p.layer).values():
+            gptq_quantize_layer(layer, ctx)
+        for qlinear in quant_linears(layer).values():
             qlinear.freeze_weight()
 
     @torch.no_grad()
@@ -266,8 +222,7 @@ class FlatQuantMethod(QuantMethod):
             hook.learnable = trans.k
         return frozen
 
-    def _job(self, layer: nn.Module, ctx: LayerContext, trans: LayerTransforms) -> BlockTraining | None:
-        """The layer's training (parameters set to require gradients), or None if nothing is trained."""
+    def _train(self, layer: nn.Module, ctx: LayerContext, trans: LayerTransforms) -> None:
         s = self.settings
         bsz = min(s["batch_size"], ctx.fp_inputs.shape[0])
         groups = []
@@ -280,18 +235,21 @@ class FlatQuantMethod(QuantMethod):
         if clips:
             groups.append({"params": clips, "lr": s["flat_lr"] * s["clip_lr_mult"]})
         if not groups:
-            return None
+            return
         trained = [p for g in groups for p in g["params"]]
         trans.requires_grad_(False)  # untrained parts (cali_trans off) need no gradients
         for p in trained:
             p.requires_grad_(True)
-        return BlockTraining(
+        job = BlockTraining(
             name=f"FlatQuant layer {ctx.index}", module=layer, kwargs=ctx.layer_kwargs, param_groups=groups,
             inputs=ctx.fp_inputs, targets=ctx.fp_outputs, epochs=s["epochs"], batch_size=bsz, drop_last=True,
             scheduler=lambda opt, total: torch.optim.lr_scheduler.CosineAnnealingLR(
                 opt, T_max=total, eta_min=s["flat_lr"] * 1e-3),
             amp_dtype=resolve_amp_dtype("FlatQuant", s["amp_dtype"]), normalise_loss=True,
             forward_context=LayerFactors(trans).cached)  # each Cayley factor once per step, batched
+        self.train_stats = train_block(job, ctx.device, **self.trainer)
+        for p in trained:
+            p.requires_grad_(False)
 
     @staticmethod
     @torch.no_grad()
