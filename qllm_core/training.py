@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -61,6 +62,7 @@ class TrainingStats:
     steps: int = 0
     wall_seconds: float = 0.0
     graph_steps: int = 0  # steps replayed from the CUDA graph
+    graph_error: str | None = None  # why the step could not be captured (then every step ran eagerly)
 
 
 @dataclass
@@ -212,7 +214,12 @@ def train_block(job: BlockTraining, device: torch.device, graph: bool | None = N
                 stats.steps += 1
                 if graph and cuda_graph is None and stats.steps == WARMUP_STEPS:
                     static_x, static_t = x.to(device, copy=True), target.to(device, copy=True)
-                    cuda_graph = _capture(step, static_x, static_t)
+                    try:
+                        cuda_graph = _capture(step, static_x, static_t)
+                    except RuntimeError as err:  # a capture records, runs nothing: go on eagerly
+                        graph, stats.graph_error = False, f"{type(err).__name__}: {err}"[:300]
+                        warnings.warn(f"{job.name}: the training step could not be captured in a CUDA graph "
+                                      f"({stats.graph_error}); the remaining steps run eagerly")
             epoch_loss = step.loss_sum.item() / len(batches)  # the one host sync of an epoch
             step.loss_sum.zero_()
             if not math.isfinite(epoch_loss):
@@ -232,6 +239,14 @@ def _capture(step: _Step, static_x: torch.Tensor, static_t: torch.Tensor) -> tor
     """
     step.optimizer.zero_grad(set_to_none=True)
     cuda_graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(cuda_graph):
-        step(static_x, static_t)
+    # FlatQuant's Cayley solves: for LLaMA-70B-sized factors PyTorch picks MAGMA's batched LU, which
+    # synchronises the host and so cannot be captured ("operation not permitted when stream is
+    # capturing", seen on the H200); cuSOLVER's LU runs on the stream. Same factorisation (partial pivoting).
+    previous = torch.backends.cuda.preferred_linalg_library()
+    torch.backends.cuda.preferred_linalg_library("cusolver")
+    try:
+        with torch.cuda.graph(cuda_graph):
+            step(static_x, static_t)
+    finally:
+        torch.backends.cuda.preferred_linalg_library(previous)
     return cuda_graph

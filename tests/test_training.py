@@ -13,6 +13,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -254,3 +255,40 @@ def test_official_autocast_dtypes_are_the_defaults():
     assert make_method("qllm", bits).opt["amp_dtype"] == "bfloat16"
     assert make_method("omniquant", bits).options["amp_dtype"] == "float16"
     assert make_method("flatquant", bits).settings["amp_dtype"] == "float16"
+
+
+@cuda
+@pytest.mark.gpu
+def test_a_step_that_cannot_be_captured_runs_eagerly(monkeypatch):
+    """A capture failure (here: a host sync inside the step) leaves the training eager and correct."""
+    import qllm_core.training as training
+
+    def job():
+        torch.manual_seed(0)
+        module = nn.Linear(16, 16).cuda()
+        return BlockTraining(name="sync step", module=module, kwargs={}, inputs=torch.randn(8, 4, 16, device="cuda"),
+                             targets=torch.randn(8, 4, 16, device="cuda"), epochs=2, batch_size=2,
+                             param_groups=[{"params": list(module.parameters()), "lr": 1e-2}])
+    eager_job = job()
+    train_block(eager_job, "cuda", graph=False)
+    real_capture = training._capture
+
+    @contextlib.contextmanager
+    def host_sync():
+        torch.cuda.synchronize()  # not permitted while a stream is being captured
+        yield
+
+    def syncing_capture(step, x, t):
+        original = step.job.forward_context
+        step.job.forward_context = host_sync
+        try:
+            return real_capture(step, x, t)
+        finally:
+            step.job.forward_context = original
+    monkeypatch.setattr(training, "_capture", syncing_capture)
+    fallback_job = job()
+    with pytest.warns(UserWarning, match="could not be captured"):
+        stats = train_block(fallback_job, "cuda", graph=True)
+    assert stats.graph_steps == 0 and stats.graph_error and stats.steps == 8
+    for a, b in zip(eager_job.module.parameters(), fallback_job.module.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
