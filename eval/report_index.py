@@ -150,9 +150,9 @@ def build_index(reports: Path = REPO / "reports") -> Path:
          "LLaMA-2-70B 6.15 h, LLaMA-3-70B 5.94 h on one GPU) and the issue's 2 h target on one H100. The paper "
          "profile's rows where measured, else the smoke profile's (SmolLM2-135M shape on the CPU).",
          calibration_cost_table(cost)),
-        ("Speedups", "FlatQuant's claims (RTX 3090, which has INT4 tensor cores) beside ours (H100, LLaMA-2-7B "
-         "shapes, ratios to bf16 cuBLAS measured in the same run; reports/kernels_notes.md says where the time "
-         "goes).",
+        ("Speedups", "FlatQuant's claims (RTX 3090, which has INT4 tensor cores) beside ours (H100 or H200, as "
+         "each row says; LLaMA-2-7B shapes, ratios to bf16 cuBLAS measured in the same run; "
+         "reports/kernels_notes.md says where the time goes).",
          _html_table(claims[claims.claim.str.contains("speedup|overhead")]) + _html_table(
              speedup[speedup.phase.isin(["prefill", "decode"])][["shape", "phase", "batch", "kv_len", "variant",
                                                                   "speedup", "device"]]) if len(claims) else ""),
