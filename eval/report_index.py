@@ -21,6 +21,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from .zeroshot import AVERAGES  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 # The paper rows compared with ours: LLaMA-2-7B, the model both papers report at W4A4.
 PAPER_MODEL = "LLaMA-2-7B"
@@ -73,16 +75,35 @@ def zero_shot_drops(zeroshot: pd.DataFrame, paper: pd.DataFrame) -> pd.DataFrame
                          "points below FP": fp - float(r.value), "documents per task": "all"})
     if len(zeroshot):
         profile = ours_profile(zeroshot)
-        ours = zeroshot[(zeroshot.profile == profile) & zeroshot.task.str.startswith("avg_")]
-        for (task, limit), group in ours.groupby(["task", "limit"]):
-            fp = group[group.method == "fp"].value.astype(float)
-            if fp.empty:
-                continue
-            for r in group[group.method != "fp"].itertuples():
-                rows.append({"source": f"ours, {profile} profile ({r.model}, {r.device})", "average": task,
-                             "method": r.method, "bits": _bits(r),
-                             "points below FP": 100 * (fp.iloc[0] - float(r.value)), "documents per task": limit})
+        rows += our_average_drops(zeroshot[zeroshot.profile == profile], profile)
     return pd.DataFrame(rows, columns=["source", "average", "method", "bits", "points below FP", "documents per task"])
+
+
+def our_average_drops(table: pd.DataFrame, profile: str) -> list[dict]:
+    """Our rows of :func:`zero_shot_drops`, computed from the per-task rows with each paper's metrics
+    (:data:`eval.zeroshot.AVERAGES`). Where the FP model lacks a task at this subset size, the average
+    runs over the tasks it has, for FP and every method alike, and its name says which task is left out."""
+    rows = []
+    per_task = table[~table.task.str.startswith("avg_")].astype({"w_bits": int, "a_bits": int, "kv_bits": int})
+    config = ["method", "w_bits", "a_bits", "kv_bits"]
+    for limit, group in per_task.groupby(per_task["limit"].astype(str)):
+        scores = {(tuple(k[:4]), k[4], k[5]): float(v) for *k, v in
+                  group[config + ["task", "metric", "value"]].itertuples(index=False)}
+        for name, metrics in AVERAGES.items():
+            tasks = [t for t, m in metrics.items() if (("fp", 16, 16, 16), t, m) in scores]
+            if not tasks:
+                continue
+            left_out = sorted(set(metrics) - set(tasks))
+            label = name + (f" without {', '.join(left_out)} (FP lacks it)" if left_out else "")
+            fp = sum(scores[(("fp", 16, 16, 16), t, metrics[t])] for t in tasks) / len(tasks)
+            for key, cfg in group[group.method != "fp"].groupby(config):
+                if all((tuple(key), t, metrics[t]) in scores for t in tasks):
+                    mean = sum(scores[(tuple(key), t, metrics[t])] for t in tasks) / len(tasks)
+                    first = cfg.iloc[0]
+                    rows.append({"source": f"ours, {profile} profile ({first.model}, {first.device})",
+                                 "average": label, "method": key[0], "bits": _bits(first),
+                                 "points below FP": 100 * (fp - mean), "documents per task": limit})
+    return rows
 
 
 def _bits(row) -> str:

@@ -5,6 +5,7 @@ import re
 import shutil
 
 import pandas as pd
+import pytest
 
 from eval.report_index import REPO, build_index, perplexity_ratios
 from eval.reports import PERPLEXITY_COLUMNS, upsert_rows
@@ -83,3 +84,23 @@ def test_merge_tables_brings_rows_home_by_key(tmp_path):
     assert list(merge_tables(tmp_path / "remote", home).values()) == [1]
     table = pd.read_csv(home / "tables" / "perplexity.csv")
     assert sorted(zip(table.dataset, table.ppl, table.device)) == [("ptb", 30.0, "cpu"), ("x", 12.0, "H100")]
+
+
+def test_zero_shot_averages_leave_out_what_fp_lacks_and_say_so():
+    """FP without HellaSwag: QLLM's five-task average runs over the other four for FP and the method
+    alike (named so); with every task present it is the paper's average."""
+    from eval.report_index import our_average_drops
+
+    def rows(method, bits, scores):
+        return [{"model": "m", "method": method, "w_bits": bits, "a_bits": bits, "kv_bits": 16, "task": t,
+                 "metric": "acc", "value": v, "limit": "all", "device": "cpu", "profile": "paper"}
+                for t, v in scores.items()]
+    four = {"piqa": 0.6, "arc_easy": 0.5, "arc_challenge": 0.3, "winogrande": 0.5}
+    table = pd.DataFrame(rows("fp", 16, four) + rows("qllm", 4, {**{t: v - 0.1 for t, v in four.items()},
+                                                                   "hellaswag": 0.9}))
+    (drop,) = [r for r in our_average_drops(table, "paper") if r["average"].startswith("avg_qllm5")]
+    assert drop["average"] == "avg_qllm5 without hellaswag (FP lacks it)"
+    assert drop["points below FP"] == pytest.approx(10.0) and drop["bits"] == "W4A4"
+    complete = pd.concat([table, pd.DataFrame(rows("fp", 16, {"hellaswag": 0.4}))])
+    (drop,) = [r for r in our_average_drops(complete, "paper") if r["average"].startswith("avg_qllm5")]
+    assert drop["average"] == "avg_qllm5" and drop["points below FP"] == pytest.approx(100 * (0.46 - 0.48))
