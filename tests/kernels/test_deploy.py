@@ -80,8 +80,11 @@ def test_unsupported_runs_are_refused_with_the_reason(tiny_llama):
         to_kernels(model, adapter)
 
 
-def test_cli_evaluates_a_run_on_the_kernels(tiny_model_dir, data_dir, tmp_path):
-    """`python -m eval ppl --kernels` on an RTN W4A4 run: same perplexity as the fake-quant model."""
+def test_cli_evaluates_a_run_on_the_kernels(tiny_model_dir, data_dir, tmp_path, device):
+    """`python -m eval ppl --kernels` on an RTN W4A4 run: same perplexity as the fake-quant model.
+
+    On the fixture's device: compiled Triton kernels need CUDA tensors (without ``--device cuda`` the
+    CLI evaluated on the CPU and the kernels failed on the H200); on a CPU the interpreter runs them."""
     import json
     import os
     import subprocess
@@ -95,8 +98,8 @@ def test_cli_evaluates_a_run_on_the_kernels(tiny_model_dir, data_dir, tmp_path):
                                  "--a-bits", "4", "--out", str(tmp_path / "run")], cwd=REPO, env=env,
                           capture_output=True, text=True)
     assert made.returncode == 0, made.stderr
-    ppl = [run + ["ppl", "--model", str(tmp_path / "run"), "--max-windows", "1", "--seqlen", "256", "--json"] + extra
-           for extra in ([], ["--kernels"])]
+    ppl = [run + ["ppl", "--model", str(tmp_path / "run"), "--max-windows", "1", "--seqlen", "256", "--json",
+                  "--device", device] + extra for extra in ([], ["--kernels"])]
     fake, kernel = (json.loads(subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
                                               check=True).stdout.splitlines()[-1]) for cmd in ppl)
     assert kernel.get("kernels") is True and "kernels" not in fake
