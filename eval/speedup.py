@@ -12,7 +12,9 @@ Phases (rows of reports/tables/speedup.csv, long format):
   gemv     decode GEMV (W4A4, W4A16, and W4A4 with its transform+quantize launch) vs bf16
   linear   one W4A4 linear with FlatQuant's online transform vs bf16 cuBLAS
   layers   rows of phase prefill / decode: one decoder layer, variants of kernels.llama_layer vs bf16
-           (incl. w4a4-fp8 / flatquant-fp8: prefill GEMMs on cuBLAS FP8, kernels/fp8_linear.py)
+           (incl. w4a4-fp8 / flatquant-fp8: prefill GEMMs on cuBLAS FP8, kernels/fp8_linear.py;
+           decode rows also for KV4_VARIANTS, bf16-kv4 / flatquant-fp8-kv4: a 4-bit KV cache read by
+           kernels/kv4_attention.py)
   model    rows of phase prefill / decode with shape "llama2-7b-model": a stack of 32 LLaMA-2-7B
            decoder layers (no embedding / LM head), quantized variants vs bf16 with the same bf16
            SDPA attention; prefill batch x 2048 tokens, decode = one step (ms per token) at a
@@ -236,11 +238,11 @@ def bench_linear(rows, shapes, ms_tokens):
 
 def bench_layers(rows, shapes, prefill_batches, decode_batches, kv_lens):
     torch = _cuda()
-    from kernels.llama_layer import VARIANTS, build_layer
+    from kernels.llama_layer import KV4_VARIANTS, VARIANTS, build_layer, new_kv4_cache
     quant_variants = [v for v in VARIANTS if v != "bf16"]
     with torch.no_grad():
         for s in shapes:
-            layers = {v: build_layer(s, v, "cuda") for v in VARIANTS}
+            layers = {v: build_layer(s, v, "cuda") for v in VARIANTS + KV4_VARIANTS}
             for b in prefill_batches:
                 x = torch.randn(b, PREFILL_SEQ, s.hidden, device="cuda", dtype=torch.bfloat16)
                 t = {v: _bench(lambda v=v: layers[v](x)) for v in VARIANTS}
@@ -256,7 +258,17 @@ def bench_layers(rows, shapes, prefill_batches, decode_batches, kv_lens):
                     t = {v: _bench(lambda v=v: layers[v](x, (kc, vc), kv_len=kv), graph=True) for v in VARIANTS}
                     for v in quant_variants:
                         rows.add(s.name, "decode", v, "bf16", t["bf16"], t[v], batch=b, seqlen=1, kv_len=kv)
-                    del kc, vc
+                    # issue 12: the same decode step over a 4-bit KV cache (decode rows only; prefill is the base's)
+                    kv4_cache = new_kv4_cache(s, b, kv + 1, "cuda")
+                    kv4_cache.write(0, kc[:, :, :kv], vc[:, :, :kv])
+                    for v in KV4_VARIANTS:
+                        try:
+                            ms = _bench(lambda v=v: layers[v](x, kv4_cache, kv_len=kv), graph=True)
+                        except Exception as e:  # noqa: BLE001 - keep the other rows, say what broke
+                            print(f"  {v} failed: {type(e).__name__}: {e}", flush=True)
+                            continue
+                        rows.add(s.name, "decode", v, "bf16", t["bf16"], ms, batch=b, seqlen=1, kv_len=kv)
+                    del kc, vc, kv4_cache
                     torch.cuda.empty_cache()
             del layers
             torch.cuda.empty_cache()
@@ -499,7 +511,7 @@ def write_speedup_tables(df: pd.DataFrame, reports_dir: str | Path, note: str = 
     parts = [f"# Speed of the int4 kernels vs bf16 ({device})", "", note, "",
              "Long-format data: `speedup.csv` (columns " + ", ".join(COLUMNS) + "); speedup = baseline_ms / ms, "
              "both measured in the same run. Layer variants: see kernels/llama_layer.py; attention, norms and "
-             "the KV cache stay bf16 in every variant.", ""]
+             "the KV cache stay bf16 in every variant except the '-kv4' decode rows (4-bit KV cache).", ""]
     model = df["shape"].astype(str).str.endswith("-model")
     for phase, title, rows in [
             ("prefill", "Decoder layer, prefill (seqlen 2048)", ~model), ("decode", "Decoder layer, decode step", ~model),

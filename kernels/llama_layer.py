@@ -5,7 +5,7 @@ fused q/k/v projection with GQA, RoPE, attention through torch SDPA, o_proj, res
 post-attention RMSNorm, fused gate/up, SiLU·up, down_proj, residual.
 
 What stays in bf16 in every variant (said so in reports/kernels_notes.md): RMSNorm, RoPE,
-SiLU, residuals, and attention itself over a bf16 KV cache; no 4-bit KV-cache kernel is built.
+SiLU, residuals, and attention itself over a bf16 KV cache — except in the ``-kv4`` variants.
 
 Variants (methods.md §2 "Placement"; QuaRot for the comparison of issue 6 (d)):
 - ``bf16``: cuBLAS linears.
@@ -19,6 +19,11 @@ Variants (methods.md §2 "Placement"; QuaRot for the comparison of issue 6 (d)):
 - ``w4a4-fp8`` / ``flatquant-fp8`` (issue 12): as ``w4a4`` / ``flatquant``, but the linears are
   :class:`kernels.fp8_linear.FP8W4A4Linear`: prefill GEMMs on cuBLAS FP8 (kernel 1 writes e4m3
   codes, ``torch._scaled_mm`` multiplies them exactly), decode on the packed-int4 Triton GEMV.
+- ``<variant>-kv4`` (issue 12; :data:`KV4_VARIANTS` are the ones benchmarked): the same linears,
+  but decode keeps K (after RoPE) and V in a 4-bit :class:`kernels.kv4_attention.KV4Cache`
+  (per token and head, asymmetric, as the fake-quant model's ``KVQuantHook``; make one with
+  :func:`new_kv4_cache`) and attends with the split-KV Triton kernel ``kv4_decode_attention``.
+  Prefill is the base variant's (bf16 SDPA, no cache written).
 
 :func:`build_stack` stacks ``n_layers`` independent decoder layers (whole-model benchmarks; no
 embedding or LM head, they are the same bf16 matrices in every variant).
@@ -33,10 +38,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from .fp8_linear import FP8W4A4Linear
+from .kv4_attention import KV4Cache, kv4_decode_attention
 from .kronecker import kronecker_factors
 from .qlinear import W4A4Linear
 
 VARIANTS = ("bf16", "w4a4", "flatquant", "quarot", "w4a4-fp8", "flatquant-fp8")
+KV4_SUFFIX = "-kv4"
+KV4_VARIANTS = ("bf16-kv4", "flatquant-fp8-kv4")  # decode-only rows of eval.speedup --phases layers
 
 
 @dataclass(frozen=True)
@@ -109,9 +117,12 @@ class DecoderLayer(nn.Module):
     """LLaMA decoder layer around four linear modules (bf16 nn.Linear or W4A4Linear)."""
 
     def __init__(self, shape: LlamaShape, qkv: nn.Module, o: nn.Module, gate_up: nn.Module, down: nn.Module,
-                 device=None, max_positions: int = 8192, eps: float = 1e-5):
+                 device=None, max_positions: int = 8192, eps: float = 1e-5, kv4: bool = False):
         super().__init__()
         self.shape, self.eps = shape, eps
+        self.kv4 = kv4  # decode from a KV4Cache with the 4-bit attention kernel
+        self.kv4_dot_dtype: torch.dtype | None = None  # kernel dot operands (None: bf16); fp32 in CPU tests
+        self.kv_fake_quant: nn.Module | None = None  # optional fake quantizer of K/V before a bf16 cache write
         self.qkv, self.o, self.gate_up, self.down = qkv, o, gate_up, down
         self.norm1 = nn.Parameter(torch.ones(shape.hidden, device=device, dtype=torch.bfloat16))
         self.norm2 = nn.Parameter(torch.ones(shape.hidden, device=device, dtype=torch.bfloat16))
@@ -124,11 +135,11 @@ class DecoderLayer(nn.Module):
     def _rope(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         return x * self.cos[pos] + _rotate_half(x) * self.sin[pos]
 
-    def forward(self, x: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None,
+    def forward(self, x: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor] | KV4Cache | None = None,
                 kv_len: int = 0) -> torch.Tensor:
         """Prefill when kv_cache is None (causal over x's tokens); else decode one token per
         sequence, writing its K/V at slot kv_len of the preallocated bf16 cache (B, Hkv, L, D)
-        and attending over slots [0, kv_len]."""
+        (a :class:`KV4Cache` for a kv4 layer) and attending over slots [0, kv_len]."""
         s = self.shape
         b, t, _ = x.shape
         h = F.rms_norm(x, (s.hidden,), self.norm1, self.eps)
@@ -138,7 +149,18 @@ class DecoderLayer(nn.Module):
         q, k = self._rope(q, pos), self._rope(k, pos)
         if kv_cache is None:
             attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        elif isinstance(kv_cache, KV4Cache):
+            if not self.kv4:
+                raise TypeError("a KV4Cache needs a '-kv4' layer variant")
+            if t != 1:
+                raise ValueError(f"the kv4 decode path takes one token per sequence, got {t}")
+            kv_cache.write(kv_len, k, v)
+            attn = kv4_decode_attention(q, *kv_cache.k, *kv_cache.v, kv_len + 1, dot_dtype=self.kv4_dot_dtype)
         else:
+            if self.kv4:
+                raise TypeError("a '-kv4' layer decodes from a KV4Cache (new_kv4_cache), not a bf16 cache")
+            if self.kv_fake_quant is not None:
+                k, v = self.kv_fake_quant(k), self.kv_fake_quant(v)
             kc, vc = kv_cache
             kc[:, :, kv_len:kv_len + t] = k
             vc[:, :, kv_len:kv_len + t] = v
@@ -150,9 +172,12 @@ class DecoderLayer(nn.Module):
 
 
 def build_layer(shape: LlamaShape, variant: str, device, seed: int = 0) -> DecoderLayer:
-    """One decoder layer of `shape` in one of VARIANTS, random weights (layer shapes only)."""
-    if variant not in VARIANTS:
-        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    """One decoder layer of `shape` in one of VARIANTS (or one of them + '-kv4'), random weights
+    (layer shapes only; a '-kv4' layer has its base variant's weights for the same seed)."""
+    kv4 = variant.endswith(KV4_SUFFIX)
+    if variant.removesuffix(KV4_SUFFIX) not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, optionally + {KV4_SUFFIX!r}, got {variant!r}")
+    variant = variant.removesuffix(KV4_SUFFIX)
     torch.manual_seed(seed)  # large weights are drawn on `device`; small factors from `gen` on the CPU
     gen = torch.Generator().manual_seed(seed)
     dims = dict(qkv=(shape.qkv_out, shape.hidden), o=(shape.hidden, shape.heads * shape.head_dim),
@@ -172,7 +197,12 @@ def build_layer(shape: LlamaShape, variant: str, device, seed: int = 0) -> Decod
         cls = FP8W4A4Linear if path == "fp8" else W4A4Linear
         lins = {name: _quant_linear(o, i, factors[name], kind, method != "quarot", gen, device, cls)
                 for name, (o, i) in dims.items()}
-    return DecoderLayer(shape, device=device, **lins)
+    return DecoderLayer(shape, device=device, kv4=kv4, **lins)
+
+
+def new_kv4_cache(shape: LlamaShape, batch: int, max_len: int, device) -> KV4Cache:
+    """An empty 4-bit K/V cache of ``max_len`` slots for one '-kv4' layer (bf16 scales, asymmetric)."""
+    return KV4Cache(batch, shape.kv_heads, max_len, shape.head_dim, device=device)
 
 
 class DecoderStack(nn.Module):

@@ -90,3 +90,13 @@ def test_ste_passes_gradient_and_clip_is_learnable():
     ((q(x.detach()) - x.detach()) ** 2).sum().backward()
     assert q.clip_max_logit.grad is not None and q.clip_max_logit.grad.abs().sum() > 0
     assert q.clip_min_logit.grad is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_all_zero_rows_stay_zero_in_half_precision(dtype, symmetric):
+    """1e-8 rounds to 0 in float16: the scale floor must not, or 0 / 0 gives NaN (autocast training)."""
+    x = torch.zeros(2, 16, dtype=dtype)
+    x[1] = torch.linspace(-1, 1, 16, dtype=dtype)
+    out = Quantizer(4, symmetric)(x)
+    assert torch.equal(out[0], torch.zeros(16, dtype=dtype)) and torch.isfinite(out).all()

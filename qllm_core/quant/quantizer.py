@@ -33,6 +33,12 @@ VALID_BITS = (2, 3, 4, 5, 6, 7, 8, OFF_BITS)
 _EPS = 1e-8
 
 
+def _scale_floor(dtype: torch.dtype) -> float:
+    """The smallest scale: 1e-8, or float16's smallest subnormal (2^-24) where 1e-8 would round to 0
+    in float16 (a zero scale turned an all-zero group into NaN)."""
+    return 2.0**-24 if dtype == torch.float16 else _EPS
+
+
 def check_bits(bits: int, what: str = "bit width") -> int:
     """Validate a bit width: 2..8 quantize, 16 means 'off'."""
     if isinstance(bits, bool) or not isinstance(bits, int) or bits not in VALID_BITS:
@@ -68,12 +74,12 @@ def quant_params(
     if symmetric:
         qmax = 2 ** (bits - 1) - 1
         absmax = x.abs().amax(dim=-1, keepdim=True) * clip_max
-        scale = (absmax / qmax).clamp(min=_EPS)
+        scale = (absmax / qmax).clamp(min=_scale_floor(x.dtype))
         return scale, torch.zeros_like(scale), -(qmax + 1), qmax
     qmax = 2**bits - 1
     xmax = x.amax(dim=-1, keepdim=True).clamp(min=0) * clip_max
     xmin = x.amin(dim=-1, keepdim=True).clamp(max=0) * (clip_max if clip_min is None else clip_min)
-    scale = ((xmax - xmin) / qmax).clamp(min=_EPS)
+    scale = ((xmax - xmin) / qmax).clamp(min=_scale_floor(x.dtype))
     zero = torch.round(-xmin / scale).detach()
     return scale, zero, 0, qmax
 
