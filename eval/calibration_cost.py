@@ -167,11 +167,6 @@ def method_spec(method: str) -> MethodSpec:
     return METHODS[method]
 
 
-def check_shape(shape: str) -> None:
-    if shape not in SHAPES:
-        raise ValueError(f"unknown model shape {shape!r}; available: {sorted(SHAPES)}")
-
-
 # -- the arithmetic ----------------------------------------------------------------------------------
 def group_sizes(layers: int, per_group: int) -> list[int]:
     """Layers in each group the engine walks (the last one may be short)."""
@@ -257,7 +252,6 @@ def measure(shape: str, method: str, layers: int | None = None, nsamples: int = 
     ``gpu_memory_gib``: check the fits-one-GPU estimate against this capacity instead of the GPU's free
     memory (on the CPU the check runs only when it is given).
     """
-    check_shape(shape)
     spec = method_spec(method)
     options = dict(options or {})
     qmethod = make_method(spec.name, spec.quant, **options)
@@ -319,7 +313,7 @@ def run_profile(profile: str, shapes: list[str] | None = None, methods: list[str
     """Run the profile's jobs (or ``shapes`` x ``methods``), saving each row as it finishes."""
     settings = get_profile(profile)
     for s in shapes or []:
-        check_shape(s)
+        shape_config(s)  # an unknown shape fails here, before any job runs
     for m in methods or []:
         method_spec(m)
     jobs = [(s, m) for s, m in settings.jobs if (not shapes or s in shapes) and (not methods or m in methods)]

@@ -20,8 +20,7 @@ from qllm_core.quant.packing import unpack_int4
 
 from .qlinear import W4A4Linear
 from .transform_quant import transform_quant_fp8
-
-GEMV_MAX_TOKENS = 16  # the Triton GEMV regime of kernels.w4_matmul.regime
+from .w4_matmul import GEMV_MAX_M
 
 
 def codes_to_fp8(codes: torch.Tensor) -> torch.Tensor:
@@ -55,7 +54,7 @@ class FP8W4A4Linear(W4A4Linear):
 
     def __init__(self, w_packed: torch.Tensor, w_scale: torch.Tensor, p1: torch.Tensor | None = None,
                  p2: torch.Tensor | None = None, channel_scale: torch.Tensor | None = None,
-                 act_clip_ratio: float = 1.0, gemv_max_tokens: int = GEMV_MAX_TOKENS, **kwargs):
+                 act_clip_ratio: float = 1.0, gemv_max_tokens: int = GEMV_MAX_M, **kwargs):
         if kwargs.get("act_bits", 4) != 4 or kwargs.get("act_asym", False):
             raise ValueError("FP8W4A4Linear needs symmetric 4-bit activations (act_bits=4, act_asym=False): "
                              "torch._scaled_mm has no zero-point term; use W4A4Linear for the others")

@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from qllm_core.quant.packing import unpack_uint4
+from qllm_core.quant.packing import pack_uint4, unpack_uint4
 from qllm_core.quant.quantizer import quantize_to_codes
 
 KV_BITS = 4
@@ -61,15 +61,10 @@ def quantize_kv(x: torch.Tensor, symmetric: bool = False, clip_ratio: float = 1.
     codes, scale, zero = quantize_to_codes(x, KV_BITS, symmetric=symmetric, clip_ratio=clip_ratio)
     scale = scale.squeeze(-1)
     if symmetric:
-        return KV4(_pack(codes.to(torch.int16) + SYM_ZERO), scale, None)
-    return KV4(_pack(codes), scale, zero.squeeze(-1).to(torch.uint8))
-
-
-def _pack(codes: torch.Tensor) -> torch.Tensor:
-    """qllm_core.quant.packing.pack_uint4 without its range check: codes are clamped to 0..15
-    already, and the check's host sync would break CUDA-graph capture of a decode step."""
-    u = codes.to(torch.uint8)
-    return u[..., 0::2] | (u[..., 1::2] << 4)
+        codes = codes.to(torch.int16) + SYM_ZERO
+    # codes are clamped to 0..15 already; a range check would sync the host inside a captured decode step
+    packed = pack_uint4(codes, check_range=False)
+    return KV4(packed, scale, None if symmetric else zero.squeeze(-1).to(torch.uint8))
 
 
 def dequantize_kv(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,

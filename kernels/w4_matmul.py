@@ -146,9 +146,12 @@ CONFIGS = {
 DEFAULT_DOT = {"gemv": "fp16", "small": "fp8", "large": "fp8"}
 
 
+GEMV_MAX_M = 16  # tokens up to which the GEMV tiles run (decode)
+
+
 def regime(m: int) -> str:
-    """Tile family for M tokens: decode GEMV (≤ 16), small batches (≤ 256), prefill."""
-    return "gemv" if m <= 16 else ("small" if m <= 256 else "large")
+    """Tile family for M tokens: decode GEMV (≤ GEMV_MAX_M), small batches (≤ 256), prefill."""
+    return "gemv" if m <= GEMV_MAX_M else ("small" if m <= 256 else "large")
 
 
 def _as_triton_configs(rows):

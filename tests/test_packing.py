@@ -22,6 +22,7 @@ def test_int4_nibble_layout():
 def test_uint4_round_trip(shape):
     q = torch.randint(0, 16, shape, dtype=torch.uint8)
     assert torch.equal(unpack_uint4(pack_uint4(q)), q)
+    assert torch.equal(pack_uint4(q, check_range=False), pack_uint4(q))  # the unchecked path packs alike
 
 
 def test_quantized_weights_survive_packing():

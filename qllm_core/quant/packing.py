@@ -38,10 +38,14 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.where(both >= 8, both - 16, both)
 
 
-def pack_uint4(q: torch.Tensor) -> torch.Tensor:
-    """Pack unsigned codes in [0, 15] into uint8 (same nibble order as :func:`pack_int4`)."""
+def pack_uint4(q: torch.Tensor, check_range: bool = True) -> torch.Tensor:
+    """Pack unsigned codes in [0, 15] into uint8 (same nibble order as :func:`pack_int4`).
+
+    ``check_range=False`` skips the range check, for codes already clamped to [0, 15] on a hot path:
+    the check reads min/max on the host (a device sync, which a CUDA-graph capture does not allow).
+    """
     _check_even_last_dim(q)
-    if q.numel() and (int(q.min()) < 0 or int(q.max()) > 15):
+    if check_range and q.numel() and (int(q.min()) < 0 or int(q.max()) > 15):
         raise ValueError(f"uint4 codes must lie in [0, 15], got [{int(q.min())}, {int(q.max())}]")
     q = q.to(torch.uint8)
     return q[..., 0::2] | (q[..., 1::2] << 4)
