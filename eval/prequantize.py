@@ -89,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", default="paper")
     parser.add_argument("--grid", default="all", choices=["core", "extra", "all"])
     parser.add_argument("--only-methods", nargs="*", help="report method names to keep (default: all)")
+    parser.add_argument("--only-runs", nargs="*", help="run names (slugs, e.g. flatquant-W4A4KV4-s) to keep")
     parser.add_argument("--model", help="override the profile's model")
     parser.add_argument("--device", help="override the profile's device")
     parser.add_argument("--run-root", default="runs")
@@ -115,6 +116,11 @@ def main(argv: list[str] | None = None) -> int:
     experiments = profile.grid(args.grid)
     if args.only_methods:
         experiments = [e for e in experiments if e.report_method in args.only_methods]
+    if args.only_runs:
+        unknown = sorted(set(args.only_runs) - {e.slug() for e in experiments})
+        if unknown:
+            raise SystemExit(f"--only-runs: no run {unknown} in the {args.grid} grid of profile {args.profile}")
+        experiments = [e for e in experiments if e.slug() in args.only_runs]
     experiments = [with_options(e, args.set) for e in experiments]
     tables = Path(args.reports_dir) / "tables"
     if args.missing_only:

@@ -61,7 +61,9 @@ def zero_shot(model, tokenizer, tasks: list[str] = TASKS, subset: int | None = N
     samples = None
     if subset is not None and sizes:
         samples = {names[t]: seeded_subset(subset, sizes[t], seed) for t in tasks}
-    manager = TaskManager(include_path=str(TASK_DIR),
+    # lm-eval's own tasks are indexed only when they are used (the hub): indexing them reads ~14k YAML
+    # files, ~10 s per call on a 2-core machine, once per task and run.
+    manager = TaskManager(include_path=str(TASK_DIR), include_defaults=not sizes,
                           metadata={"data_dir": str(resolve_data_dir(data_dir) or "")})
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     output = lm_eval.simple_evaluate(model=lm, tasks=list(names.values()), task_manager=manager, samples=samples,

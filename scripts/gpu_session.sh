@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The paper-profile GPU work of issues 9-12 on a 4-GPU machine, in calls of at most ~10 minutes.
+# The paper-profile GPU work of issues 9-12 on a machine of one or more GPUs, in calls of at most ~10 minutes.
 #
 #   bash scripts/gpu_session.sh SECONDS JOB [JOB ...]
 #
@@ -17,12 +17,14 @@ nvidia-smi --query-gpu=index,name,memory.total --format=csv > "$R/gpus.csv"
 
 job() {  # the command of one job name
   case "$1" in
-    grid)   # every paper run (26 + FP): calibration, perplexity on the full test sets, zero-shot full sets
-      echo "python -m eval.prequantize --profile paper --grid all --jobs-per-gpu 2 --evaluate --zeroshot \
+    grid)   # every paper run (26 + FP) whose rows the repo's tables lack: calibration, perplexity on the
+            # full test sets, zero-shot full sets (the tables are seeded from reports/ once per machine)
+      [ -d "$R/grid/tables" ] || { mkdir -p "$R/grid/tables" && cp reports/tables/{perplexity,zeroshot}.csv "$R/grid/tables/"; }
+      echo "python -m eval.prequantize --profile paper --grid all --jobs-per-gpu ${GRID_JOBS:-2} --evaluate --zeroshot \
             --zeroshot-batch-size 64 --missing-only --run-root /root/runs --reports-dir $R/grid ${GRID_ARGS:-}" ;;
-    alone)  # the FlatQuant and QLLM runs of the paper grid, one run on the GPU at a time (issue 9)
-      echo "python -m eval.prequantize --profile paper --grid core --only-methods flatquant qllm --jobs-per-gpu 1 \
-            --evaluate --missing-only --run-root /root/runs-alone --reports-dir $R/alone" ;;
+    alone)  # trained runs of the paper grid, one run on the GPU at a time (issue 9)
+      echo "python -m eval.prequantize --profile paper --grid all --only-runs ${ALONE_RUNS:-flatquant-W4A4KV4-s qllm-W4A4-a} \
+            --jobs-per-gpu 1 --evaluate --missing-only --run-root /root/runs-alone --reports-dir $R/alone" ;;
     profile)  # issue 9: wall vs device time per training step (CUDA graphs, the methods' autocast)
       echo "python eval/profile_calibration.py --label new --modes graph --cases flatquant qllm omniquant \
             --out $R/profile/calib_profile_graph.json" ;;

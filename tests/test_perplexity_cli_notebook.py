@@ -84,6 +84,11 @@ def test_prequantize_makes_the_runs_the_notebook_reuses(tiny_model_dir, data_dir
         assert record["status"] == "complete" and record["stats"]["concurrent_jobs"] == 2
     again = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True)
     assert again.returncode == 0 and again.stdout.startswith("0 runs to make")
+    one = subprocess.run(args + ["--evaluate", "--only-runs", expected[0].slug(), "--reports-dir", str(tmp_path / "one")],
+                         cwd=REPO, env=env, capture_output=True, text=True)
+    assert one.returncode == 0 and one.stdout.startswith("1 runs to make"), one.stderr
+    unknown = subprocess.run(args + ["--only-runs", "rtn-W3A3-x"], cwd=REPO, env=env, capture_output=True, text=True)
+    assert unknown.returncode != 0 and "no run ['rtn-W3A3-x'] in the core grid" in unknown.stderr
 
     # --evaluate: every run evaluated (stored in the run directories), rows merged into the tables
     reports = tmp_path / "reports"
