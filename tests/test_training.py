@@ -149,8 +149,12 @@ def test_train_block_equals_the_plain_loop(monkeypatch, module, name, quant, opt
     assert len(fast) == len(plain) > 0
     for (start, fast_params, fast_losses), (_, plain_params, plain_losses) in zip(fast, plain):
         assert fast_losses == pytest.approx(plain_losses, rel=1e-5)
+        # fp32 rounding only: the fast step computes FlatQuant's Cayley factors once per step in one batched
+        # solve (forward_context) and shares inputs across projections (shared_inputs), the plain loop
+        # does neither, which reorders a few float operations; on torch 2.11 (H100 host) one of 144 FlatQuant parameters, near
+        # zero, differed by 2.7e-6 after 2 epochs. A changed method moves parameters by > 1e-4 (below).
         for a, b in zip(fast_params, plain_params):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
         # not vacuous: training moved the parameters away from where they started
         assert max((a - b).abs().max() for a, b in zip(fast_params, start)) > 1e-4
 
