@@ -6,8 +6,8 @@ The paper-profile rows show QLLM W4A4 *with* error correction far worse than rea
 (issue 9). This probe takes the first ``--layers`` decoder layers of the embedded model (one
 error-correction group), quantizes them W4A4 with QLLM three times — reassembly only; reassembly +
 error correction with the low-rank update merged but *not* re-quantized (weights no longer on a
-4-bit grid: a diagnostic, not a deployable model); and the method as specified, merged and
-re-quantized — and reports the mean squared error of the group's output against the FP group, on
+4-bit grid: a diagnostic, not a deployable model); and the method as specified, the update merged
+into the FP weight and quantized, ``Q_w(W + B A / r)`` — and reports the mean squared error of the group's output against the FP group, on
 the calibration windows and on held-out PTB windows.
 """
 from __future__ import annotations

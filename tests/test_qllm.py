@@ -124,6 +124,30 @@ def test_fused_low_rank_equals_unfused_adapter(tiny_llama):
     torch.testing.assert_close(fused, unfused, rtol=0, atol=1e-10)
 
 
+def test_fused_low_rank_requantizes_the_fp_weight_plus_update(tiny_llama):
+    """The official merge (ModelTC/QLLM train_utils.lora_merge): the update goes into the unquantized
+    weight, then the sum is quantized: ``Q_w(W + B A / r)``, not ``Q_w(Q_w(W) + B A / r)`` (which rounds
+    a sub-step update back onto Q_w(W) and loses it)."""
+    model, adapter = tiny_llama(dtype=torch.float64)
+    method = make_method("qllm", W4A4, reassembly=False)
+    method.prepare_model(model, adapter)
+    layer = adapter.layers[0]
+    method.build_layer(0, layer, adapter)
+    g = torch.Generator().manual_seed(5)
+    for q in quant_linears(layer).values():
+        fp = q.transformed_weight().detach().clone()
+        delta = attach_low_rank(q, rank=4, generator=g)
+        with torch.no_grad():
+            delta.lora_B.normal_(0, 0.05, generator=g)
+            update = delta.update().clone()
+            frozen = q.weight_quantizer(fp)
+        fuse_low_rank(q, requantize=True)
+        torch.testing.assert_close(q.weight, q.weight_quantizer(fp + update), rtol=0, atol=0)
+        assert not torch.equal(q.weight, q.weight_quantizer(frozen + update))  # the old, lossy merge differs
+        with pytest.raises(RuntimeError, match="frozen"):
+            q.transformed_weight()
+
+
 def run_engine(model, adapter, ids, layer_dir, **options):
     method = make_method("qllm", W4A4, **{**SMALL, **options})
     BlockwiseEngine(model, adapter, "cpu", layer_dir).run(method, ids)
@@ -164,8 +188,9 @@ def test_qllm_layers_beat_rtn_on_calibration_error(tiny_llama):
             return F.mse_loss(model(ids).logits, fp_logits).item()
 
     rtn = error("rtn")
-    corrected = error("qllm", **{**SMALL, "reassembly": False, "epochs": 4, "lr": 5e-3})
-    assert corrected < rtn
+    # the paper's lr (5e-4); EC alone (no reassembly) must survive the merge into 4-bit weights
+    corrected = error("qllm", **{**SMALL, "reassembly": False, "epochs": 4})
+    assert corrected < 0.95 * rtn
 
 
 def test_bad_options_are_refused():

@@ -21,8 +21,12 @@ Per decoder layer (methods.md section 3; official ModelTC/QLLM ``quantize/qllm.p
    (``quantize/int_linear_lora.py``: lora_alpha = 1, A Kaiming-uniform, B zero) on the frozen
    quantized base; AdamW (weight decay 0), linear LR decay, batch 1; input = the quantized
    model's layer inputs, target = the FP layer outputs (official: student on ``quant_inps``,
-   teacher on ``fp_inps``). Afterwards ``B A / rank`` is added to ``Q_w(W)`` and the sum is
-   re-quantized with the same quantizer, so inference pays nothing.
+   teacher on ``fp_inps``). Afterwards ``B A / rank`` is merged into the *unquantized* weight and
+   the sum is quantized, ``Q_w(W + B A / rank)``, as the official ``train_utils.lora_merge`` does
+   (it adds the update to ``module.weight``, the FP weight its forward quantizes), so inference
+   pays nothing. Re-quantizing ``Q_w(W) + B A / rank`` instead (this repo until 2026-11-27) rounds
+   the sub-step update back onto ``Q_w(W)``'s grid and loses the correction
+   (``reports/bench/qllm_ec_probe.json``).
 
 Error correction trains groups of ``num_layer`` (paper: 4) consecutive layers jointly: the engine
 reassembles each layer of a group (``calibrate_layer``), then hands the group to
@@ -80,10 +84,16 @@ class _Stop(Exception):
 
 
 class LowRankDelta(nn.Module):
-    """Parametrization ``W -> W + B A * scaling`` (LoRA on a frozen quantized weight)."""
+    """Parametrization ``W -> W + B A * scaling`` (LoRA on a frozen quantized weight).
 
-    def __init__(self, out_features: int, in_features: int, rank: int, generator: torch.Generator, like: torch.Tensor):
+    ``fp_weight``: the unquantized weight the update is merged into at the end, kept on the host
+    (one layer group's weights, not on the GPU during training).
+    """
+
+    def __init__(self, out_features: int, in_features: int, rank: int, generator: torch.Generator, like: torch.Tensor,
+                 fp_weight: torch.Tensor):
         super().__init__()
+        self.fp_weight = fp_weight
         a = torch.empty(rank, in_features, dtype=torch.float32)
         bound = 1.0 / math.sqrt(in_features)  # kaiming_uniform_(a=sqrt(5)) bound, as nn.Linear/LoRA
         a.uniform_(-bound, bound, generator=generator)
@@ -91,25 +101,32 @@ class LowRankDelta(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(out_features, rank, dtype=like.dtype, device=like.device))
         self.scaling = 1.0 / rank  # lora_alpha = 1
 
+    def update(self) -> torch.Tensor:
+        return (self.lora_B @ self.lora_A) * self.scaling
+
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight + (self.lora_B @ self.lora_A) * self.scaling
+        return weight + self.update()
 
 
 def attach_low_rank(qlinear: QuantLinear, rank: int, generator: torch.Generator) -> LowRankDelta:
     """Freeze ``qlinear``'s quantized weight and train a rank-``rank`` update on top of it."""
+    fp_weight = qlinear.transformed_weight().detach().to("cpu", copy=True)
     qlinear.freeze_weight()
-    delta = LowRankDelta(qlinear.out_features, qlinear.in_features, rank, generator, qlinear.weight)
+    delta = LowRankDelta(qlinear.out_features, qlinear.in_features, rank, generator, qlinear.weight, fp_weight)
     parametrize.register_parametrization(qlinear, "weight", delta)
     return delta
 
 
 @torch.no_grad()
 def fuse_low_rank(qlinear: QuantLinear, requantize: bool = True) -> None:
-    """Merge the adapter into the weight (``Q_w(W) + B A / r``) and optionally re-quantize it."""
+    """Merge the adapter into the weight: ``Q_w(W + B A / r)`` (official), or with ``requantize=False``
+    the trained forward's ``Q_w(W) + B A / r`` (off the 4-bit grid: for the fusion test and the probe)."""
+    delta = qlinear.parametrizations.weight[0]
     parametrize.remove_parametrizations(qlinear, "weight", leave_parametrized=True)
     qlinear.weight.requires_grad_(False)
     if requantize:
-        qlinear.weight.copy_(qlinear.weight_quantizer(qlinear.weight))
+        merged = delta.fp_weight.to(qlinear.weight.device, qlinear.weight.dtype) + delta.update()
+        qlinear.weight.copy_(qlinear.weight_quantizer(merged))
 
 
 class QLLMMethod(QuantMethod):

@@ -70,14 +70,18 @@ class QuantLinear(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self.frozen = bool(self.weight_frozen)
 
+    def transformed_weight(self) -> torch.Tensor:
+        """The weight transformed to match the online input transform, before weight quantization."""
+        if self.frozen:
+            raise RuntimeError("the weight is frozen (quantized): its unquantized value is gone")
+        w = self.weight
+        return w if self.input_transform is None else self.input_transform.transform_weight(w)
+
     def effective_weight(self) -> torch.Tensor:
         """The weight the GEMM uses: transformed to match the online input transform, quantized."""
         if self.frozen:
             return self.weight
-        w = self.weight
-        if self.input_transform is not None:
-            w = self.input_transform.transform_weight(w)
-        return self.weight_quantizer(w)
+        return self.weight_quantizer(self.transformed_weight())
 
     def quantized_input(self, x: torch.Tensor) -> torch.Tensor:
         """``Q_a(T(x))``, reused inside :func:`shared_inputs` by the linears that share T and Q_a."""
