@@ -75,7 +75,7 @@ from tqdm import tqdm
 
 from qllm_core.adapters import ModelAdapter
 from qllm_core.engine import BlockwiseEngine, activation_copies, activation_storage
-from qllm_core.memory_budget import GIB, check_fits_one_gpu, estimate_group_memory, layer_parameters
+from qllm_core.memory_budget import GIB, check_fits_one_gpu, estimate_group_memory, host_merge_bytes, layer_parameters
 from qllm_core.methods import QuantConfig, make_method
 from qllm_core.methods.flatquant import DEFAULTS as FLATQUANT_DEFAULTS
 from qllm_core.methods.qllm import DEFAULT_OPTIONS as QLLM_DEFAULTS
@@ -202,13 +202,14 @@ def projected_hours(per_layer: float, layers_total: int, fixed_seconds: float) -
 def host_memory_gib(config, layers_total: int, vocab_size: int, dtype: torch.dtype, method,
                     nsamples: int, seqlen: int, gpu_bytes: int | None) -> float:
     """Host GiB of a full run: every layer + untied embedding/LM head in ``dtype``, plus the calibration
-    activations when :func:`~qllm_core.engine.activation_storage` keeps them on the host."""
+    activations when :func:`~qllm_core.engine.activation_storage` keeps them on the host, plus QLLM's copy
+    of one group's unquantized weights for the error-correction merge."""
     item = torch.empty((), dtype=dtype).element_size()
     model = (layers_total * layer_parameters(config) + 2 * vocab_size * config.hidden_size) * item
     need = activation_copies(method) * nsamples * seqlen * config.hidden_size * item
     device = torch.device("cuda") if gpu_bytes is not None else torch.device("cpu")
     on_host = need > 0 and activation_storage(device, need, gpu_bytes).type == "cpu"
-    return (model + (need if on_host else 0)) / GIB
+    return (model + (need if on_host else 0) + host_merge_bytes(config, method, dtype)) / GIB
 
 
 # -- one job -------------------------------------------------------------------------------------------

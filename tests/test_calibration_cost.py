@@ -62,6 +62,22 @@ def test_estimate_follows_the_engines_activation_rule():
     assert qllm.total < 79 * GIB and flat.total < 79 * GIB
 
 
+def test_host_memory_counts_qllms_merge_copy():
+    """QLLM's error correction keeps one group's unquantized weights on the host for the merge
+    (fuse_low_rank: Q_w(W + BA/r)); reassembly alone and other methods keep none."""
+    from eval.calibration_cost import host_memory_gib
+    from qllm_core.memory_budget import host_merge_bytes, layer_parameters
+
+    config = shape_config("llama2-70b")
+    qllm, plain = make_method("qllm", QLLM_W4A4), make_method("qllm", QLLM_W4A4, error_correction=False)
+    assert host_merge_bytes(config, qllm, torch.float32) == 4 * layer_parameters(config) * 4
+    assert host_merge_bytes(config, plain, torch.float32) == 0
+    assert host_merge_bytes(config, make_method("flatquant", W4A4KV4), torch.float32) == 0
+    args = (config, 80, 32000, torch.float32)
+    extra = host_memory_gib(*args, qllm, 128, 2048, 80 * GIB) - host_memory_gib(*args, plain, 128, 2048, 80 * GIB)
+    assert extra == pytest.approx(4 * layer_parameters(config) * 4 / GIB)
+
+
 def test_the_check_runs_before_anything_is_built():
     with pytest.raises(DoesNotFitError, match="llama2-70b / qllm W4A4"):  # would take minutes to build
         measure("llama2-70b", "qllm", nsamples=128, seqlen=2048, gpu_memory_gib=8)
