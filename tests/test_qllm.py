@@ -103,13 +103,18 @@ def test_adaptive_search_beats_no_reassembly_on_outlier_activations():
     assert result.error < 0.9 * result.baseline_error  # merged random channels cost part of the gain
 
 
-def test_fused_low_rank_equals_unfused_adapter(tiny_llama):
+def built_layer0(tiny_llama, reassembly: bool):
+    """A float64 tiny model and its layer 0 built (quantized linears, not calibrated) by QLLM."""
     model, adapter = tiny_llama(dtype=torch.float64)
-    _, stream = layer0_batch(model, adapter)
-    method = make_method("qllm", W4A4, reassembly=True)
+    method = make_method("qllm", W4A4, reassembly=reassembly)
     method.prepare_model(model, adapter)
-    layer = adapter.layers[0]
-    method.build_layer(0, layer, adapter)
+    method.build_layer(0, adapter.layers[0], adapter)
+    return model, adapter, adapter.layers[0]
+
+
+def test_fused_low_rank_equals_unfused_adapter(tiny_llama):
+    model, adapter, layer = built_layer0(tiny_llama, reassembly=True)
+    _, stream = layer0_batch(model, adapter)
     g = torch.Generator().manual_seed(3)
     for q in quant_linears(layer).values():
         delta = attach_low_rank(q, rank=4, generator=g)
@@ -128,11 +133,7 @@ def test_fused_low_rank_requantizes_the_fp_weight_plus_update(tiny_llama):
     """The official merge (ModelTC/QLLM train_utils.lora_merge): the update goes into the unquantized
     weight, then the sum is quantized: ``Q_w(W + B A / r)``, not ``Q_w(Q_w(W) + B A / r)`` (which rounds
     a sub-step update back onto Q_w(W) and loses it)."""
-    model, adapter = tiny_llama(dtype=torch.float64)
-    method = make_method("qllm", W4A4, reassembly=False)
-    method.prepare_model(model, adapter)
-    layer = adapter.layers[0]
-    method.build_layer(0, layer, adapter)
+    _, _, layer = built_layer0(tiny_llama, reassembly=False)
     g = torch.Generator().manual_seed(5)
     for q in quant_linears(layer).values():
         fp = q.transformed_weight().detach().clone()
