@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -13,8 +14,8 @@ from qllm_core.methods.qllm import SITES, attach_low_rank, fold_scale, fuse_low_
 from qllm_core.methods.base import quant_linears
 from qllm_core.quant import fake_quantize
 from qllm_core.reassembly import (
-    ChannelReassembly, disassembly_counts, disassembly_plan, find_threshold, reassembly_plan, pair_scores,
-    threshold_candidates,
+    ChannelReassembly, disassembly_counts, disassembly_plan, find_threshold, match_pairs, nearest_partners,
+    pair_scores, reassembly_plan, threshold_candidates,
 )
 
 W4A4 = QuantConfig(w_bits=4, a_bits=4, w_asym=True, a_asym=True)
@@ -75,6 +76,29 @@ def test_assembly_error_is_the_merged_pairs_term_and_bounded():
     assert (F.linear(x, w) - approx).norm() <= bound + 1e-12
     assert merged.tolist() == [4] and plan.group[4] == 5  # the planted near-duplicate pair is merged
     assert rel < 1e-3
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_match_pairs_equals_the_masked_minimum(seed):
+    """The shared nearest-partner search gives exactly the pairs of masking every disassembled channel
+    out of the full score matrix and taking each row's minimum (ties included: integer scores)."""
+    g = torch.Generator().manual_seed(seed)
+    channels = 41 + seed  # odd and even channel counts
+    scores = torch.randint(0, 6, ((channels + 1) // 2, channels // 2), generator=g).double()
+    nearest = nearest_partners(scores)
+    for n_split in (0, 1, 3, 8):
+        counts = torch.ones(channels, dtype=torch.long)
+        counts[torch.randperm(channels, generator=g)[:n_split]] = 2
+        split = counts > 1
+        masked = scores.masked_fill(split[::2, None], math.inf).masked_fill(split[None, 1::2], math.inf)
+        best, partner = masked.min(dim=1)
+        for merges in (1, 4, 12):
+            order = best.argsort(stable=True)[:merges]
+            want = (order * 2, partner[order] * 2 + 1) if torch.isfinite(best[order]).all() else None
+            got = match_pairs(scores, counts, merges, nearest)
+            assert (got is None) == (want is None)
+            if want is not None:
+                assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
 def test_threshold_sweep_respects_channel_budget():
