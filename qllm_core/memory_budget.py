@@ -110,8 +110,7 @@ def _training(method: LayerMethod) -> tuple[int, int, float] | None:
 def host_merge_bytes(config, method: LayerMethod, dtype: torch.dtype) -> int:
     """Host bytes QLLM's error correction keeps during a group's training: the group's unquantized weights,
     into which the low-rank update is merged at the end (:func:`qllm_core.methods.qllm.fuse_low_rank`)."""
-    options = _settings(method)
-    if method.name != "qllm" or not options.get("error_correction", True) or options.get("epochs", 1) == 0:
+    if method.name != "qllm" or _training(method) is None:  # reassembly alone, or no epochs: no merge
         return 0
     return method.layers_per_group * layer_parameters(config) * torch.empty((), dtype=dtype).element_size()
 
