@@ -22,9 +22,13 @@ job() {  # the command of one job name
       [ -d "$R/grid/tables" ] || { mkdir -p "$R/grid/tables" && cp reports/tables/{perplexity,zeroshot}.csv "$R/grid/tables/"; }
       echo "python -m eval.prequantize --profile paper --grid all --jobs-per-gpu ${GRID_JOBS:-2} --evaluate --zeroshot \
             --zeroshot-batch-size 64 --missing-only --run-root /root/runs --reports-dir $R/grid ${GRID_ARGS:-}" ;;
-    alone)  # trained runs of the paper grid, one run on the GPU at a time (issue 9)
+    fp)     # FP's rows alone first (full-set perplexity + zero-shot): the reference of both papers' averages
+      echo "python -m eval.prequantize --profile paper --grid all --only-runs fp-W16A16-s --evaluate --zeroshot \
+            --zeroshot-batch-size 64 --missing-only --run-root /root/runs --reports-dir $R/fp" ;;
+    alone)  # trained runs of the paper grid, one run on the GPU at a time (issue 9); the grid's run root, so
+            # that a run made alone is only evaluated by a later grid job, not made again
       echo "python -m eval.prequantize --profile paper --grid all --only-runs ${ALONE_RUNS:-flatquant-W4A4KV4-s qllm-W4A4-a} \
-            --jobs-per-gpu 1 --evaluate --missing-only --run-root /root/runs-alone --reports-dir $R/alone" ;;
+            --jobs-per-gpu 1 --evaluate --missing-only --run-root /root/runs --reports-dir $R/alone" ;;
     profile)  # issue 9: wall vs device time per training step (CUDA graphs, the methods' autocast)
       echo "python eval/profile_calibration.py --label new --modes graph --cases flatquant qllm omniquant \
             --out $R/profile/calib_profile_graph.json" ;;
@@ -37,15 +41,16 @@ job() {  # the command of one job name
             --shapes llama2-7b llama3-8b --table $R/cost/calibration_cost.csv" ;;
     cost70f)  # issue 11: FlatQuant on the 70B shapes (2 layers each)
       echo "python -m eval.calibration_cost --profile paper --device cuda --methods flatquant \
-            --shapes llama2-70b llama3-70b --layers 2 --table $R/cost/calibration_cost_70f.csv" ;;
-    cost70q)  # issue 11: QLLM on LLaMA-2-70B, then GPTQ / QuaRot for reference
+            --shapes llama3-70b llama2-70b --layers 2 --table $R/cost/calibration_cost_70f.csv" ;;
+    cost70q)  # issue 11: QLLM on LLaMA-2-70B
       echo "python -m eval.calibration_cost --profile paper --device cuda --methods qllm --shapes llama2-70b \
-            --table $R/cost/calibration_cost_70q.csv && python -m eval.calibration_cost --profile paper \
-            --device cuda --methods gptq quarot --shapes llama2-7b llama3-8b llama2-70b \
-            --table $R/cost/calibration_cost_ref.csv" ;;
+            --table $R/cost/calibration_cost_70q.csv" ;;
+    costref)  # issue 11: GPTQ / QuaRot for reference
+      echo "python -m eval.calibration_cost --profile paper --device cuda --methods gptq quarot \
+            --shapes llama2-7b llama3-8b llama2-70b --table $R/cost/calibration_cost_ref.csv" ;;
     tests)  # the GPU tests of the suite (pytest travels as wheels in .whl)
       echo "python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && PYTHONPATH=/tmp/site:\$PYTHONPATH \
-            python -m pytest -q -rs tests/kernels tests/test_training.py tests/test_flatquant.py" ;;
+            python -m pytest -q -rs ${PYTEST_ARGS:-tests/kernels tests/test_training.py tests/test_flatquant.py}" ;;
     *) echo "unknown job $1" >&2; return 1 ;;
   esac
 }
