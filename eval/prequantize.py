@@ -4,12 +4,19 @@
 
 Each run lands in ``<run-root>/<slug>``, the directory the perplexity notebook looks for; with
 ``--evaluate`` each worker also measures the run's perplexity on the profile's datasets (stored in
-the run directory, :func:`eval.experiments.cached_perplexity`) and the rows are merged into
-``reports/tables/perplexity.csv`` and ``calibration.csv`` as runs finish, so a notebook run
-afterwards only renders, and results survive an interruption. ``--zeroshot`` adds the zero-shot
-tasks (:mod:`eval.zeroshot`, the profile's subset per task, cached in the run directory too) and
-merges their rows into ``reports/tables/zeroshot.csv``. Finished runs are skipped and interrupted
-ones resume (per-layer checkpoints).
+the run directory, :func:`eval.experiments.cached_perplexity`) and merges the rows into
+``reports/tables/perplexity.csv`` and ``calibration.csv`` itself (the tables are locked while
+written), so a notebook run afterwards only renders. ``--zeroshot`` adds the zero-shot tasks
+(:mod:`eval.zeroshot`, the profile's subset per task, cached in the run directory too), whose rows
+go into ``reports/tables/zeroshot.csv`` after *each task*: a run stopped part-way (a GPU call's
+deadline) keeps every task it finished. Finished runs are skipped and interrupted ones resume
+(per-layer checkpoints).
+
+Each worker gets an equal share of the CPU cores this process may run on (its affinity:
+``taskset`` narrows it, as ``scripts/gpu_session.sh`` does for jobs sharing a machine) as torch
+threads: more threads than cores starve the host side of every process (a 32-core H200 host running
+94 torch threads over four jobs saw its launch- and sync-bound GPU work slow down several-fold;
+``reports/bench/gpu_session_2xH200.json``).
 
 ``--jobs-per-gpu`` runs share each GPU, and every run records that number (``jobs`` in the
 calibration table), because the wall time of a run includes the sharing. Every run gets a fresh
@@ -53,20 +60,23 @@ def pending(experiments: list[Experiment], run_root: Path, evaluate: bool) -> li
 
 
 def _work(slots, profile_name: str, model: str | None, device: str | None, exp: Experiment, run_root: str, data_dir,
-          jobs: int, threads: int, evaluate: bool, zeroshot_batch: int | None):
+          jobs: int, threads: int, evaluate: bool, zeroshot_batch: int | None, tables: Path):
     gpu = slots.get()  # a free GPU slot, pinned before CUDA is initialised in this fresh process
     try:
         if gpu is not None:
             os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
-        return _run(profile_name, model, device, exp, run_root, data_dir, jobs, threads, evaluate, zeroshot_batch)
+        return _run(profile_name, model, device, exp, run_root, data_dir, jobs, threads, evaluate, zeroshot_batch,
+                    tables)
     finally:
         slots.put(gpu)
 
 
 def _run(profile_name: str, model: str | None, device: str | None, exp: Experiment, run_root: str, data_dir,
-         jobs: int, threads: int, evaluate: bool, zeroshot_batch: int | None):
-    """Make (and evaluate) one run: ``(exp, took, (perplexity rows, calibration rows, zero-shot rows) or None)``;
-    ``zeroshot_batch``: lm-eval's batch size, or None for no zero-shot evaluation."""
+         jobs: int, threads: int, evaluate: bool, zeroshot_batch: int | None, tables: Path):
+    """Make (and evaluate) one run: ``(exp, took)``. Evaluating, the rows go into the ``tables`` as they
+    come — perplexity and calibration when the perplexities are in, zero-shot after each task — so a
+    run stopped part-way keeps what it finished. ``zeroshot_batch``: lm-eval's batch size, or None for
+    no zero-shot evaluation."""
     import torch
 
     torch.set_num_threads(threads)
@@ -74,14 +84,18 @@ def _run(profile_name: str, model: str | None, device: str | None, exp: Experime
     start = time.time()
     if not evaluate:
         ensure_run(profile.model, exp, Path(run_root) / exp.slug(), profile.calib, profile.device, data_dir, jobs)
-        return exp, f"{time.time() - start:.0f} s", None
+        return exp, f"{time.time() - start:.0f} s"
     ppl_rows, calib_rows = experiment_rows(profile.model, exp, list(profile.datasets), profile.max_windows,
                                            profile.calib, run_root, profile.device, profile.name, data_dir,
                                            concurrent_jobs=jobs)
-    zs_rows = [] if zeroshot_batch is None else experiment_zero_shot(
-        profile.model, exp, list(TASKS), profile.zeroshot_subset, profile.calib, run_root, profile.device,
-        profile.name, data_dir, zeroshot_batch, jobs)
-    return exp, f"{time.time() - start:.0f} s", (ppl_rows, calib_rows, zs_rows)
+    upsert_rows(tables / "perplexity.csv", ppl_rows, PERPLEXITY_COLUMNS)
+    if calib_rows:
+        upsert_rows(tables / "calibration.csv", calib_rows, CALIBRATION_COLUMNS, keys=CALIBRATION_KEYS)
+    if zeroshot_batch is not None:
+        experiment_zero_shot(profile.model, exp, list(TASKS), profile.zeroshot_subset, profile.calib, run_root,
+                             profile.device, profile.name, data_dir, zeroshot_batch, jobs,
+                             on_task=lambda rows: upsert_rows(tables / "zeroshot.csv", rows, ZEROSHOT_COLUMNS))
+    return exp, f"{time.time() - start:.0f} s"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     todo = pending(experiments, Path(args.run_root), args.evaluate)
     gpus = _gpu_count(profile.device) if args.gpus is None else args.gpus
     workers = max(gpus, 1) * args.jobs_per_gpu
-    threads = max(1, (os.cpu_count() or 1) // workers)
+    threads = max(1, len(os.sched_getaffinity(0)) // workers)
     print(f"{len(todo)} runs to make with {workers} workers on {gpus or 'no'} GPU(s) "
           f"({args.jobs_per_gpu} per device, {threads} CPU threads each)", flush=True)
     context = multiprocessing.get_context("spawn")  # CUDA cannot be shared with forked workers
@@ -141,22 +155,15 @@ def main(argv: list[str] | None = None) -> int:
     with manager, ProcessPoolExecutor(workers, mp_context=context, max_tasks_per_child=1) as pool:
         futures = {pool.submit(_work, slots, args.profile, args.model, args.device, e, args.run_root, args.data_dir,
                                args.jobs_per_gpu, threads, args.evaluate,
-                               args.zeroshot_batch_size if args.zeroshot else None): e for e in todo}
+                               args.zeroshot_batch_size if args.zeroshot else None, tables): e for e in todo}
         for future in as_completed(futures):
             try:
-                exp, took, rows = future.result()
+                exp, took = future.result()
             except Exception as err:  # report every failed run, keep the others going
                 failures += 1
                 print(f"{futures[future].slug()}: FAILED: {err!r}", file=sys.stderr, flush=True)
                 continue
             print(f"{exp.slug()}: {took}", flush=True)
-            if rows:
-                ppl_rows, calib_rows, zs_rows = rows
-                upsert_rows(tables / "perplexity.csv", ppl_rows, PERPLEXITY_COLUMNS)
-                if calib_rows:
-                    upsert_rows(tables / "calibration.csv", calib_rows, CALIBRATION_COLUMNS, keys=CALIBRATION_KEYS)
-                if zs_rows:
-                    upsert_rows(tables / "zeroshot.csv", zs_rows, ZEROSHOT_COLUMNS)
     return 1 if failures else 0
 
 

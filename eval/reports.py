@@ -6,6 +6,9 @@ columns), and rows are sorted stably, so a diff between commits shows only what 
 """
 from __future__ import annotations
 
+import fcntl
+import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
@@ -42,6 +45,24 @@ def upsert_rows(csv_path: str | Path, rows: list[dict], columns: list[str], floa
         raise KeyError(f"rows lack columns {sorted(set(missing))} for {csv_path.name}")
     new = pd.DataFrame([{c: row[c] for c in columns} for row in rows], columns=columns)
     keys = keys or key_columns(columns)
+    with _locked(csv_path):
+        return _merge_into(csv_path, new, columns, keys, float_digits)
+
+
+@contextmanager
+def _locked(csv_path: Path):
+    """An exclusive lock on a table while it is read, merged and written: several processes (the workers
+    of ``eval.prequantize``) add rows to one table as their results come."""
+    csv_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(csv_path.with_name(f".{csv_path.name}.lock"), "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _merge_into(csv_path: Path, new: pd.DataFrame, columns: list[str], keys: list[str], float_digits: int):
     if csv_path.is_file():
         old = pd.read_csv(csv_path, keep_default_na=False, dtype=str)
         new_str = new.astype(str)
@@ -52,10 +73,16 @@ def upsert_rows(csv_path: str | Path, rows: list[dict], columns: list[str], floa
     else:
         table = new.astype(str)
     table = _format(table, float_digits).sort_values(keys, kind="stable").reset_index(drop=True)
-    csv_path.parent.mkdir(parents=True, exist_ok=True)
-    table.to_csv(csv_path, index=False)
-    csv_path.with_suffix(".md").write_text(to_markdown(table))
+    _replace(csv_path, table.to_csv(index=False))
+    _replace(csv_path.with_suffix(".md"), to_markdown(table))
     return table
+
+
+def _replace(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file, so a killed writer never leaves half a table."""
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(text)
+    os.replace(partial, path)
 
 
 def _format(table: pd.DataFrame, digits: int) -> pd.DataFrame:

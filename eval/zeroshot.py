@@ -116,11 +116,12 @@ def cached_zero_shot(run_dir: Path, model_fn, task: str, subset: int | None, dev
 
 def experiment_zero_shot(model_spec: str, exp, tasks: list[str], subset: int | None, calib, run_root,
                          device: str = "cpu", profile: str = "smoke", data_dir=None, batch_size: int = 16,
-                         concurrent_jobs: int = 1) -> list[dict]:
+                         concurrent_jobs: int = 1, on_task=None) -> list[dict]:
     """The long-format zero-shot rows (each task + the papers' averages) of one experiment.
 
     Uses the experiment's run in ``run_root`` (the perplexity notebook's; quantized first if missing)
-    and the task results cached in it.
+    and the task results cached in it. ``on_task(rows)``, if given, receives the rows so far after
+    each task (the averages once every task is in), so a caller can save them before the next one.
     """
     from qllm_core.models import display_name
 
@@ -130,12 +131,16 @@ def experiment_zero_shot(model_spec: str, exp, tasks: list[str], subset: int | N
     record = None if exp.method == FP_METHOD else ensure_run(model_spec, exp, run_dir, calib, device, data_dir,
                                                                concurrent_jobs)
     model_fn = lazy_model(model_spec, exp, run_dir)
-    results = [cached_zero_shot(run_dir, model_fn, t, subset, device, data_dir, batch_size) for t in tasks]
-    name = record["model_name"] if record else display_name(model_spec)
-    common = {**experiment_columns(exp, record, name, profile), "limit": subset or "all",
-              "device": results[0]["device"]}
-    rows = [{**row, "device": result["device"]} for result in results for row in result["rows"]]
-    return [{**common, **row} for row in rows + average_rows(rows)]
+    common = {**experiment_columns(exp, record, record["model_name"] if record else display_name(model_spec),
+                                   profile), "limit": subset or "all"}
+    rows, done = [], []
+    for task in tasks:
+        result = cached_zero_shot(run_dir, model_fn, task, subset, device, data_dir, batch_size)
+        rows += [{**common, **row, "device": result["device"]} for row in result["rows"]]
+        done = rows + [{**common, **row, "device": rows[0]["device"]} for row in average_rows(rows)]
+        if on_task is not None:
+            on_task(done)
+    return done
 
 
 def zero_shot_rows(model_spec: str, experiments: list, tasks: list[str], subset: int | None, calib, run_root,

@@ -7,7 +7,11 @@
 # after SECONDS (or when every job has ended) whatever still runs is stopped and everything written
 # so far is copied to $OUT. Results accumulate in /root/results between calls of one warm machine and
 # runs in /root/runs (interrupted calibrations resume from their per-layer checkpoints), so a later
-# call repeats a job with --missing-only semantics and loses at most the layer in flight.
+# call repeats a job with --missing-only semantics and loses at most the layer in flight; evaluation rows
+# reach the tables after each dataset / zero-shot task, and the runs' records and evaluation caches
+# (run.json, eval/*.json) are copied to $OUT too, so nothing measured is lost with the machine.
+# The JOBs share the host's CPU cores equally (taskset): each prequantize worker sizes its torch threads
+# from its share (more threads than cores starved every job's host side on a 32-core H200 host).
 # Needs the staged environment (../shared/docs/gpu-machine.md): source /root/qllm-stage/env.sh first.
 set -u
 DEADLINE=$1; shift
@@ -56,22 +60,25 @@ job() {  # the command of one job name
 }
 
 pids=()
+cores=$(nproc); share=$(( cores / $# > 0 ? cores / $# : 1 )); first=0
 for spec in "$@"; do  # GPUS:NAME[+NAME...]: the names run one after the other on those GPUs
   gpus=${spec%%:*}; names=${spec#*:}
+  cpus="$first-$(( first + share - 1 < cores ? first + share - 1 : cores - 1 ))"
+  first=$(( first + share < cores ? first + share : 0 ))
   cmds=()
   for name in ${names//+/ }; do
     cmd=$(job "$name") || exit 2
     mkdir -p "$R/$name"
     cmds+=("{ $cmd; } >> $R/$name.log 2>&1; echo \"exit \$?\" >> $R/$name.log")
   done
-  (IFS=';'; CUDA_VISIBLE_DEVICES=$gpus setsid bash -c "${cmds[*]}") &
+  (IFS=';'; CUDA_VISIBLE_DEVICES=$gpus OMP_NUM_THREADS=$share setsid taskset -c "$cpus" bash -c "${cmds[*]}") &
   pids+=($!)
-  echo "started $names on GPU(s) $gpus"
+  echo "started $names on GPU(s) $gpus, CPU cores $cpus"
 done
 end=$((SECONDS + DEADLINE))
 while [ $SECONDS -lt $end ] && [ -n "$(jobs -rp)" ]; do sleep 5; done
-pkill -TERM -f "eval\.(prequantize|speedup|calibration_cost)|multiprocessing\.spawn|pytest" 2>/dev/null
-sleep 3
-pkill -KILL -f "eval\.(prequantize|speedup|calibration_cost)|multiprocessing\.spawn|pytest" 2>/dev/null
+stop="eval[./](prequantize|speedup|calibration_cost|profile_calibration)|multiprocessing\.spawn|pytest"
+pkill -TERM -f "$stop" 2>/dev/null; sleep 3; pkill -KILL -f "$stop" 2>/dev/null
+[ -d /root/runs ] && (cd /root && find runs -name '*.json' -size -1M | tar -czf "$R/runs-meta.tgz" -T -)
 tar -C /root -czf "$OUT/results.tgz" results
 ls -la "$R"; tail -n 5 "$R"/*.log

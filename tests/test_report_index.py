@@ -104,3 +104,30 @@ def test_zero_shot_averages_leave_out_what_fp_lacks_and_say_so():
     complete = pd.concat([table, pd.DataFrame(rows("fp", 16, {"hellaswag": 0.4}))])
     (drop,) = [r for r in our_average_drops(complete, "paper") if r["average"].startswith("avg_qllm5")]
     assert drop["average"] == "avg_qllm5" and drop["points below FP"] == pytest.approx(100 * (0.46 - 0.48))
+
+
+def _add_rows(path: str, worker: int, count: int) -> None:
+    from eval.reports import PERPLEXITY_COLUMNS, upsert_rows
+
+    for i in range(count):
+        row = {c: "x" for c in PERPLEXITY_COLUMNS} | {"dataset": f"w{worker}-{i}", "ppl": float(i)}
+        upsert_rows(path, [row], PERPLEXITY_COLUMNS)
+
+
+def test_concurrent_writers_lose_no_rows(tmp_path):
+    """prequantize's workers merge rows into one table at once: the table lock keeps every row (without it,
+    two read-merge-write cycles overlap and one writer's row is lost)."""
+    import multiprocessing
+
+    path, workers, count = tmp_path / "perplexity.csv", 4, 15
+    context = multiprocessing.get_context("spawn")
+    procs = [context.Process(target=_add_rows, args=(str(path), w, count)) for w in range(workers)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(120)
+        assert proc.exitcode == 0
+    table = pd.read_csv(path, keep_default_na=False, dtype=str)
+    assert sorted(table.dataset) == sorted(f"w{w}-{i}" for w in range(workers) for i in range(count))
+    assert path.with_suffix(".md").read_text().count("\n") == workers * count + 2
+    assert not list(tmp_path.glob(".*.partial"))  # every write went through its temporary file and was moved

@@ -107,3 +107,42 @@ def test_zero_shot_notebook_runs_with_papermill(tiny_model_dir, data_dir, tmp_pa
     assert set(per_task.method) == {"fp", "rtn"} and (per_task.n == 4).all() and (per_task.limit.astype(str) == "4").all()
     assert set(per_task.metric) == {"acc", "acc_norm"} and per_task.value.between(0, 1).all()
     assert not table.task.str.startswith("avg_").any()  # an average needs all of its tasks
+
+
+def test_rows_reach_the_caller_after_each_task(tiny_model_dir, tmp_path, monkeypatch):
+    """prequantize saves the rows each time on_task is called: a run stopped at its third task (a GPU
+    call's deadline) keeps the first two tasks' rows; a paper's average comes once all its tasks are in."""
+    import json
+
+    import eval.zeroshot as zs
+    from eval.experiments import Experiment
+    from qllm_core.runs import CalibConfig
+
+    run_dir = tmp_path / Experiment("fp").slug() / "eval"
+    run_dir.mkdir(parents=True)
+    for task, value in (("piqa", 0.6), ("arc_easy", 0.4)):
+        stored = {"rows": [{"task": task, "metric": m, "value": value, "stderr": 0.01, "n": 10} for m in ("acc", "acc_norm")],
+                  "device": "gpu"}
+        (run_dir / f"zeroshot-{task}-10.json").write_text(json.dumps(stored))
+
+    def deadline(*args, **kwargs):
+        raise KeyboardInterrupt("stopped")
+    monkeypatch.setattr(zs, "zero_shot", deadline)
+    seen = []
+    with pytest.raises(KeyboardInterrupt):
+        zs.experiment_zero_shot(str(tiny_model_dir), Experiment("fp"), list(TASKS), 10, CalibConfig(), tmp_path,
+                                on_task=lambda rows: seen.append([(r["task"], r["value"], r["device"]) for r in rows
+                                                                  if r["metric"] == "acc"]))
+    assert seen == [[("piqa", 0.6, "gpu")], [("piqa", 0.6, "gpu"), ("arc_easy", 0.4, "gpu")]]
+
+    for task in TASKS[2:]:
+        stored = {"rows": [{"task": task, "metric": m, "value": 0.5, "stderr": 0.01, "n": 10} for m in ("acc", "acc_norm")],
+                  "device": "gpu"}
+        (run_dir / f"zeroshot-{task}-10.json").write_text(json.dumps(stored))
+    seen.clear()
+    rows = zs.experiment_zero_shot(str(tiny_model_dir), Experiment("fp"), list(TASKS), 10, CalibConfig(), tmp_path,
+                                   on_task=lambda rows: seen.append({r["task"] for r in rows}))
+    # QLLM's average as soon as its five tasks are in (LAMBADA, FlatQuant's sixth, comes last)
+    assert [("avg_qllm5" in s, "avg_flatquant6" in s) for s in seen] == [(False, False)] * 4 + [(True, False),
+                                                                                               (True, True)]
+    assert [r["value"] for r in rows if r["task"] == "avg_qllm5"] == [pytest.approx((0.6 + 0.4 + 3 * 0.5) / 5)]
