@@ -8,7 +8,7 @@
 # so far is copied to $OUT. Results accumulate in /root/results between calls of one warm machine and
 # runs in /root/runs (interrupted calibrations resume from their per-layer checkpoints), so a later
 # call repeats a job with --missing-only semantics and loses at most the layer in flight; evaluation rows
-# reach the tables after each dataset / zero-shot task, and the runs' records and evaluation caches
+# reach the tables after a run's perplexities and after each zero-shot task, and the runs' records and evaluation caches
 # (run.json, eval/*.json) are copied to $OUT too, so nothing measured is lost with the machine.
 # The JOBs share the host's CPU cores equally (taskset): each prequantize worker sizes its torch threads
 # from its share (more threads than cores starved every job's host side on a 32-core H200 host).
