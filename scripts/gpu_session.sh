@@ -46,9 +46,10 @@ job() {  # the command of one job name
     cost70f)  # issue 11: FlatQuant on the 70B shapes (2 layers each)
       echo "python -m eval.calibration_cost --profile paper --device cuda --methods flatquant \
             --shapes llama3-70b llama2-70b --layers 2 --table $R/cost/calibration_cost_70f.csv" ;;
-    cost70q)  # issue 11: QLLM on LLaMA-2-70B
+    cost70q)  # issue 11: QLLM on LLaMA-2-70B, one 4-layer error-correction group (8 layers, the default, took
+              # ~60 s per layer's search + ~80 s per group-epoch on an H200: longer than one call)
       echo "python -m eval.calibration_cost --profile paper --device cuda --methods qllm --shapes llama2-70b \
-            --table $R/cost/calibration_cost_70q.csv" ;;
+            --layers 4 --table $R/cost/calibration_cost_70q.csv" ;;
     costref)  # issue 11: GPTQ / QuaRot for reference
       echo "python -m eval.calibration_cost --profile paper --device cuda --methods gptq quarot \
             --shapes llama2-7b llama3-8b llama2-70b --table $R/cost/calibration_cost_ref.csv" ;;
