@@ -11,16 +11,25 @@ picks the step execution (``qllm_core.training.train_block``): ``eager`` (no gra
 quantizers), ``graph`` (CUDA graph), ``graph+compile`` (the default on a GPU). The script only uses
 APIs that also existed before the fast trainer, so ``--label legacy`` with ``PYTHONPATH`` pointing at
 an older checkout measures the old code on the same machine, in the same way.
+
+``--count-ops`` needs no GPU: it counts the operators of one training step on the CPU
+(:func:`count_step_ops`; ≈ the kernels a GPU step launches, less autocast's casts and with AdamW as
+one fused kernel). A CUDA-graph replay still runs every kernel, each a few microseconds at least,
+so for small blocks this count, not the arithmetic, sets the step time
+(``reports/bench/step_ops_cpu.json``).
 """
 from __future__ import annotations
 
 import argparse
 import json
+from collections import Counter
 import platform
 import time
 from pathlib import Path
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from qllm_core.adapters import ModelAdapter
 from qllm_core.engine import BlockwiseEngine
@@ -40,7 +49,8 @@ TRAINER = {"eager": {"graph": False, "compile_quantizers": False},
            "graph+compile": {"graph": True, "compile_quantizers": True}}
 
 
-def run_case(case: str, epochs: int, mode: str, shape: str, nsamples: int, seqlen: int, profile: bool) -> dict:
+def _setup(case: str, epochs: int, mode: str, shape: str, nsamples: int, seqlen: int, device: str = "cuda"):
+    """The case's engine, method and calibration ids (a random-weight LLaMA-shaped model)."""
     method_name, bits, options, layers, _, _ = CASES[case]
     if case != "qllm-search":
         options = {**options, "epochs": epochs}
@@ -48,7 +58,11 @@ def run_case(case: str, epochs: int, mode: str, shape: str, nsamples: int, seqle
     ids = torch.randint(0, 1024, (nsamples, seqlen), generator=torch.Generator().manual_seed(0))
     method = make_method(method_name, bits, **options)
     method.trainer = TRAINER[mode]  # an attribute the legacy code ignores
-    engine = BlockwiseEngine(model, ModelAdapter(model), "cuda", None, batch_size=8)
+    return BlockwiseEngine(model, ModelAdapter(model), device, None, batch_size=8), method, ids
+
+
+def run_case(case: str, epochs: int, mode: str, shape: str, nsamples: int, seqlen: int, profile: bool) -> dict:
+    engine, method, ids = _setup(case, epochs, mode, shape, nsamples, seqlen)
     torch.cuda.synchronize()
     start = time.perf_counter()
     if not profile:
@@ -61,6 +75,51 @@ def run_case(case: str, epochs: int, mode: str, shape: str, nsamples: int, seqle
         torch.cuda.synchronize()
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     return {"device_s": sum(e.time_range.elapsed_us() for e in kernels) / 1e6, "kernels": len(kernels)}
+
+
+# Operators that launch no kernel (views, metadata) are not counted.
+_NO_KERNEL = {"view", "_unsafe_view", "expand", "t", "transpose", "permute", "unsqueeze", "squeeze", "slice", "select",
+              "as_strided", "alias", "detach", "reshape", "_reshape_alias", "split", "unbind", "narrow",
+              "split_with_sizes", "view_as", "lift_fresh"}
+
+
+class _OpCounter(TorchDispatchMode):
+    """Counts the aten operators that reach the kernels (after autograd: backward ones too), except inside
+    an optimizer's step (on CUDA that is one fused AdamW kernel; the CPU runs AdamW op by op)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: Counter = Counter()
+        self.paused = False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if not self.paused and name not in _NO_KERNEL:
+            self.ops[name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_step_ops(case: str, shape: str, nsamples: int = 4, seqlen: int = 64) -> dict:
+    """Operators (≈ kernels on a GPU) per training step of ``case``, on the CPU, eager: the difference
+    between 2 and 1 epochs over the difference in steps (one trained block per case: see CASES)."""
+    counts, steps = [], []
+    for epochs in (1, 2):
+        engine, method, ids = _setup(case, epochs, "eager", shape, nsamples, seqlen, device="cpu")
+        counter = _OpCounter()
+        pre = register_optimizer_step_pre_hook(lambda *_: setattr(counter, "paused", True))
+        post = register_optimizer_step_post_hook(lambda *_: setattr(counter, "paused", False))
+        try:
+            with counter:
+                engine.run(method, ids)
+        finally:
+            pre.remove()
+            post.remove()
+        counts.append(counter.ops)
+        steps.append(method.train_stats.steps)  # the (last) trained block's steps
+    per_step = Counter({op: (counts[1][op] - counts[0][op]) / (steps[1] - steps[0]) for op in counts[1]})
+    per_step = Counter({op: n for op, n in per_step.items() if n > 0})
+    return {"case": case, "shape": shape, "ops_per_step": round(sum(per_step.values()), 1),
+            "ops": {op: round(n, 1) for op, n in per_step.most_common()}}
 
 
 def measure(case: str, mode: str, args) -> dict:
@@ -100,8 +159,16 @@ def main() -> None:
     parser.add_argument("--nsamples", type=int, default=128)
     parser.add_argument("--seqlen", type=int, default=2048)
     parser.add_argument("--no-profile", dest="profile", action="store_false")
+    parser.add_argument("--count-ops", action="store_true",
+                        help="no GPU: count the operators per training step on the CPU (count_step_ops) instead")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
+    if args.count_ops:
+        rows = [count_step_ops(case, args.shape) for case in args.cases if case != "qllm-search"]
+        Path(args.out).write_text(json.dumps({"meta": {"device": "cpu (operator counts, eager)", "torch": torch.__version__,
+                                                       "shape": args.shape}, "rows": rows}, indent=1) + "\n")
+        print(json.dumps(rows, indent=1))
+        return
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "python": platform.python_version(),
             "shape": args.shape, "nsamples": args.nsamples, "seqlen": args.seqlen}
     out = Path(args.out)

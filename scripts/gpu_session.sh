@@ -34,7 +34,7 @@ job() {  # the command of one job name
       echo "python -m eval.prequantize --profile paper --grid all --only-runs ${ALONE_RUNS:-flatquant-W4A4KV4-s qllm-W4A4-a} \
             --jobs-per-gpu 1 --evaluate --missing-only --run-root /root/runs --reports-dir $R/alone" ;;
     profile)  # issue 9: wall vs device time per training step (CUDA graphs, the methods' autocast)
-      echo "python eval/profile_calibration.py --label new --modes graph --cases flatquant qllm omniquant \
+      echo "python eval/profile_calibration.py --label new --modes graph graph+compile --cases flatquant qllm omniquant \
             --out $R/profile/calib_profile_graph.json" ;;
     speed)  # issue 12: layer + whole-model benchmarks, merged into the repo's speedup tables, then kept
       echo "QLLM_BENCH_JSONL=$R/speed/speedup_issue12.jsonl python -m eval.speedup --out reports --merge \

@@ -296,3 +296,13 @@ def test_a_step_that_cannot_be_captured_runs_eagerly(monkeypatch):
     assert stats.graph_steps == 0 and stats.graph_error and stats.steps == 8
     for a, b in zip(eager_job.module.parameters(), fallback_job.module.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_step_operator_count_leaves_the_optimizer_out():
+    """profile_calibration --count-ops: operators per training step (1 vs 2 epochs), the optimizer's
+    per-parameter ops not counted (one fused kernel on CUDA)."""
+    from eval.profile_calibration import count_step_ops
+
+    row = count_step_ops("omniquant", "smollm2-135m", nsamples=2, seqlen=16)
+    assert row["case"] == "omniquant" and row["ops_per_step"] > 100
+    assert "mm" in row["ops"] and not {"lerp_", "addcdiv_", "addcmul_", "_fused_adamw_"} & set(row["ops"])
