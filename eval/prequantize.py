@@ -14,9 +14,9 @@ deadline) keeps every task it finished. Finished runs are skipped and interrupte
 
 Each worker gets an equal share of the CPU cores this process may run on (its affinity:
 ``taskset`` narrows it, as ``scripts/gpu_session.sh`` does for jobs sharing a machine) as torch
-threads: more threads than cores starve the host side of every process (a 32-core H200 host running
-94 torch threads over four jobs saw its launch- and sync-bound GPU work slow down several-fold;
-``reports/bench/gpu_session_2xH200.json``).
+threads: more threads than cores starve the host side of every process (on a 32-core H200 host, 94
+torch threads over four jobs are the likely cause of a several-fold slowdown of launch- and sync-bound
+GPU work; ``reports/bench/gpu_session_2xH200.json``).
 
 ``--jobs-per-gpu`` runs share each GPU, and every run records that number (``jobs`` in the
 calibration table), because the wall time of a run includes the sharing. Every run gets a fresh

@@ -121,7 +121,7 @@ def experiment_zero_shot(model_spec: str, exp, tasks: list[str], subset: int | N
 
     Uses the experiment's run in ``run_root`` (the perplexity notebook's; quantized first if missing)
     and the task results cached in it. ``on_task(rows)``, if given, receives the rows so far after
-    each task (the averages once every task is in), so a caller can save them before the next one.
+    each task (a paper's average once all of its tasks are in), so a caller can save them before the next.
     """
     from qllm_core.models import display_name
 
