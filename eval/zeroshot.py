@@ -16,6 +16,8 @@ where lm-eval provides it (ARC, HellaSwag, PIQA) and ``acc`` otherwise (WinoGran
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import random
 from pathlib import Path
 
@@ -46,6 +48,23 @@ def seeded_subset(size: int, n_docs: int, seed: int = 0) -> list[int]:
     return sorted(random.Random(seed).sample(range(n_docs), min(size, n_docs)))
 
 
+@contextlib.contextmanager
+def _bootstrap_in_process():
+    """lm-eval's bootstrap stderr (LAMBADA's perplexity) in this process, not in a ``multiprocessing.Pool``
+    of ``cpu_count()`` processes forked from one that holds a CUDA context and torch's threads (a fork
+    hazard, and 32 processes per run on the GPU machine). Same replicates: both of lm-eval's paths seed
+    chunk ``i`` with ``random.Random(i)`` (``DISABLE_MULTIPROC``, lm_eval.api.metrics.bootstrap_stderr)."""
+    previous = os.environ.get("DISABLE_MULTIPROC")
+    os.environ["DISABLE_MULTIPROC"] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["DISABLE_MULTIPROC"]
+        else:
+            os.environ["DISABLE_MULTIPROC"] = previous
+
+
 def zero_shot(model, tokenizer, tasks: list[str] = TASKS, subset: int | None = None, seed: int = 0,
               batch_size: int = 16, data_dir=None) -> list[dict]:
     """lm-eval scores of ``model`` (already on its device): ``{task, metric, value, stderr, n}`` rows."""
@@ -66,10 +85,11 @@ def zero_shot(model, tokenizer, tasks: list[str] = TASKS, subset: int | None = N
     manager = TaskManager(include_path=str(TASK_DIR), include_defaults=not sizes,
                           metadata={"data_dir": str(resolve_data_dir(data_dir) or "")})
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    output = lm_eval.simple_evaluate(model=lm, tasks=list(names.values()), task_manager=manager, samples=samples,
-                                     limit=None if samples or subset is None else subset, bootstrap_iters=1000,
-                                     log_samples=False, random_seed=seed, numpy_random_seed=seed,
-                                     torch_random_seed=seed)
+    with _bootstrap_in_process():
+        output = lm_eval.simple_evaluate(model=lm, tasks=list(names.values()), task_manager=manager,
+                                         samples=samples, limit=None if samples or subset is None else subset,
+                                         bootstrap_iters=1000, log_samples=False, random_seed=seed,
+                                         numpy_random_seed=seed, torch_random_seed=seed)
     rows = []
     for task, name in names.items():
         result = output["results"][name]

@@ -146,3 +146,35 @@ def test_rows_reach_the_caller_after_each_task(tiny_model_dir, tmp_path, monkeyp
     assert [("avg_qllm5" in s, "avg_flatquant6" in s) for s in seen] == [(False, False)] * 4 + [(True, False),
                                                                                                (True, True)]
     assert [r["value"] for r in rows if r["task"] == "avg_qllm5"] == [pytest.approx((0.6 + 0.4 + 3 * 0.5) / 5)]
+
+
+def test_bootstrap_in_process_gives_lm_evals_pool_result():
+    """lm-eval's two bootstrap paths draw the same replicates (chunk i seeded with i), so evaluating with
+    DISABLE_MULTIPROC changes no stderr, only where it is computed."""
+    import statistics
+
+    from lm_eval.api.metrics import bootstrap_stderr
+
+    from eval.zeroshot import _bootstrap_in_process
+
+    xs = [float(i % 7) for i in range(60)]
+    pooled = bootstrap_stderr(statistics.fmean, xs, 2000)
+    with _bootstrap_in_process():
+        in_process = bootstrap_stderr(statistics.fmean, xs, 2000)
+    assert in_process == pooled > 0
+
+
+def test_lambada_stderr_needs_no_process_pool(tiny_model_dir, data_dir, monkeypatch):
+    """LAMBADA's perplexity stderr is a bootstrap: it must not fork a pool from a process holding a GPU."""
+    import multiprocessing
+
+    from eval.zeroshot import zero_shot
+    from qllm_core.models import load_model
+
+    def no_pool(*args, **kwargs):
+        raise AssertionError("zero_shot forked a multiprocessing pool")
+    monkeypatch.setattr(multiprocessing, "Pool", no_pool)
+    loaded = load_model(str(tiny_model_dir))
+    rows = zero_shot(loaded.model, loaded.tokenizer, ["lambada_openai"], subset=4, data_dir=data_dir)
+    perplexity = [r for r in rows if r["metric"] == "perplexity"]
+    assert len(perplexity) == 1 and isinstance(perplexity[0]["stderr"], float)
