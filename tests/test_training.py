@@ -206,41 +206,76 @@ def test_graph_step_equals_eager_cuda_step(monkeypatch, module, name, quant, opt
     assert not math.isnan(stats[0].epoch_losses[-1])
 
 
+def _eager_and_compiled(quantizer, x, probe, dtype, quantize) -> list[tuple]:
+    """(output, input gradient, clip-logit gradient) of one forward + backward, eager then compiled
+    (``quantize(xi, compiled)``), each on a fresh copy of ``x``: ``x.to(dtype)`` of a tensor already of
+    that dtype is ``x`` itself, so reusing it summed both passes' gradients into one tensor, which the
+    check then compared with itself (fp32 input gradients were never compared before this helper)."""
+    results = []
+    for compiled in (False, True):
+        xi = x.to(dtype).clone().requires_grad_(True)
+        quantizer.zero_grad()
+        out = quantize(xi, compiled)
+        (out * probe).float().sum().backward()
+        results.append((out.detach(), xi.grad.clone(), quantizer.clip_max_logit.grad.clone()))
+    return results
+
+
+def _assert_compiled_matches(results) -> None:
+    """Outputs agree except where x/scale lands within rounding of a .5 boundary (a different code, one
+    step apart): at most 1e-3 of the elements; input and clip-logit gradients to 1e-2 relative."""
+    (out_e, gx_e, gc_e), (out_c, gx_c, gc_c) = results
+    assert ((out_e - out_c).abs() > 0).float().mean() <= 1e-3
+    assert torch.linalg.norm((gx_c - gx_e).float()) <= 1e-2 * torch.linalg.norm(gx_e.float())
+    assert torch.linalg.norm(gc_c - gc_e) <= 1e-2 * torch.linalg.norm(gc_e)
+
+
 @cuda
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("shape, clip_shape", [((4, 512, 576), ()), ((1536, 576), (1536, 1))])
 def test_compiled_quantizer_equals_eager(request, dtype, symmetric, shape, clip_shape):
-    """One forward + backward of a learnable-clip quantizer, compiled vs eager, on the same inputs.
-
-    Outputs agree except where x/scale lands within rounding of a .5 boundary (a different code,
-    one step apart): at most 1e-3 of the elements; gradients of the input and of the clip logits
-    agree to 1e-2 relative (fp16 sums of 10^5-10^6 terms in another order).
-    """
+    """One forward + backward of a learnable-clip quantizer, compiled (Triton) vs eager, on the same inputs
+    (fp16 gradients: sums of 10^5-10^6 terms in another order)."""
     from qllm_core.quant import Quantizer, compiled_fake_quant
 
     if dtype == torch.float32 and symmetric and clip_shape == ():
-        # Seen failing on an H200 (2026-11-27; the log lost the detail). Compiled quantizers stay opt-in
-        # (train_block(compile_quantizers=True)) and unused by every run until this is understood.
+        # Seen failing on an H200 and an H100 (2026-11-27; which assertion is not in the logs). The same
+        # compiled function matches eager to ~1e-6 on the CPU (next test). Compiled quantizers stay
+        # opt-in (train_block(compile_quantizers=True)) and unused by every run until this is understood.
         request.applymarker(pytest.mark.xfail(reason="compiled fp32 symmetric per-token quantizer: open", strict=False))
     g = torch.Generator(device="cuda").manual_seed(0)
     quantizer = Quantizer(4, symmetric, learnable_clip_shape=clip_shape).cuda()
     x = (torch.randn(shape, generator=g, device="cuda") * torch.rand(shape[-1], generator=g, device="cuda") * 4)
     probe = torch.randn(shape, generator=g, device="cuda", dtype=dtype)
-    results = []
-    for compiled in (False, True):
-        xi = x.to(dtype).requires_grad_(True)
-        quantizer.zero_grad()
+
+    def quantize(xi, compiled):
         with compiled_fake_quant(compiled):
-            out = quantizer(xi)
-        (out * probe).float().sum().backward()
-        results.append((out.detach(), xi.grad, quantizer.clip_max_logit.grad.clone()))
-    (out_e, gx_e, gc_e), (out_c, gx_c, gc_c) = results
-    step = (out_e - out_c).abs()
-    assert (step > 0).float().mean() <= 1e-3
-    assert torch.linalg.norm((gx_c - gx_e).float()) <= 1e-2 * torch.linalg.norm(gx_e.float())
-    assert torch.linalg.norm(gc_c - gc_e) <= 1e-2 * torch.linalg.norm(gc_e)
+            return quantizer(xi)
+    _assert_compiled_matches(_eager_and_compiled(quantizer, x, probe, dtype, quantize))
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("shape, clip_shape", [((2, 64, 96), ()), ((192, 96), (192, 1))])
+def test_compiled_quantizer_function_equals_eager_on_cpu(symmetric, shape, clip_shape):
+    """The function the trainer compiles, compiled by inductor for the CPU, against eager (fp32): the same
+    arithmetic, whatever backend generates the kernels."""
+    from qllm_core.quant import Quantizer
+    from qllm_core.quant.quantizer import _compiled_quantize_with_clip, quantize_with_clip
+
+    g = torch.Generator().manual_seed(0)
+    quantizer = Quantizer(4, symmetric, learnable_clip_shape=clip_shape)
+    x = torch.randn(shape, generator=g) * torch.rand(shape[-1], generator=g) * 4
+    probe = torch.randn(shape, generator=g)
+
+    def quantize(xi, compiled):
+        fn = _compiled_quantize_with_clip() if compiled else quantize_with_clip
+        return fn(xi, quantizer.bits, quantizer.symmetric, quantizer.group_size, quantizer.clip_ratio,
+                  quantizer.clip_max_logit, quantizer.clip_min_logit)
+    results = _eager_and_compiled(quantizer, x, probe, torch.float32, quantize)
+    _assert_compiled_matches(results)
+    assert not torch.equal(results[0][1], torch.zeros_like(results[0][1]))  # a gradient was compared
 
 
 @pytest.mark.parametrize("method", ["flatquant", "omniquant", "qllm"])
