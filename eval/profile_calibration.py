@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections import Counter
 import platform
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -116,8 +116,8 @@ def count_step_ops(case: str, shape: str, nsamples: int = 4, seqlen: int = 64) -
             post.remove()
         counts.append(counter.ops)
         steps.append(method.train_stats.steps)  # the (last) trained block's steps
-    per_step = Counter({op: (counts[1][op] - counts[0][op]) / (steps[1] - steps[0]) for op in counts[1]})
-    per_step = Counter({op: n for op, n in per_step.items() if n > 0})
+    per_step = Counter({op: (n - counts[0][op]) / (steps[1] - steps[0]) for op, n in counts[1].items()
+                        if n > counts[0][op]})
     return {"case": case, "shape": shape, "ops_per_step": round(sum(per_step.values()), 1),
             "ops": {op: round(n, 1) for op, n in per_step.most_common()}}
 

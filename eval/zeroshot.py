@@ -16,10 +16,10 @@ where lm-eval provides it (ARC, HellaSwag, PIQA) and ``acc`` otherwise (WinoGran
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import random
 from pathlib import Path
+from unittest import mock
 
 from qllm_core.data import resolve_data_dir
 
@@ -48,21 +48,12 @@ def seeded_subset(size: int, n_docs: int, seed: int = 0) -> list[int]:
     return sorted(random.Random(seed).sample(range(n_docs), min(size, n_docs)))
 
 
-@contextlib.contextmanager
 def _bootstrap_in_process():
     """lm-eval's bootstrap stderr (LAMBADA's perplexity) in this process, not in a ``multiprocessing.Pool``
     of ``cpu_count()`` processes forked from one that holds a CUDA context and torch's threads (a fork
     hazard, and 32 processes per run on the GPU machine). Same replicates: both of lm-eval's paths seed
     chunk ``i`` with ``random.Random(i)`` (``DISABLE_MULTIPROC``, lm_eval.api.metrics.bootstrap_stderr)."""
-    previous = os.environ.get("DISABLE_MULTIPROC")
-    os.environ["DISABLE_MULTIPROC"] = "1"
-    try:
-        yield
-    finally:
-        if previous is None:
-            del os.environ["DISABLE_MULTIPROC"]
-        else:
-            os.environ["DISABLE_MULTIPROC"] = previous
+    return mock.patch.dict(os.environ, {"DISABLE_MULTIPROC": "1"})
 
 
 def zero_shot(model, tokenizer, tasks: list[str] = TASKS, subset: int | None = None, seed: int = 0,

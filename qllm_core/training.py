@@ -243,10 +243,9 @@ def _capture(step: _Step, static_x: torch.Tensor, static_t: torch.Tensor) -> tor
     step.optimizer.zero_grad(set_to_none=True)
     # The graph allocates from a private memory pool, which cannot take blocks the ordinary pool holds
     # cached, and nothing can be freed while capturing: hand the cached blocks back to the driver
-    # first. (LLaMA-70B FlatQuant on a 141 GB H200: capture ran out of memory with 61.7 GB cached
-    # but unallocated.)
-    torch.cuda.synchronize(static_x.device)
-    torch.cuda.empty_cache()
+    # first. (LLaMA-3-70B FlatQuant on a 141 GB H200: a capture failed, and the next layer's eager step
+    # ran out of memory with 61.7 GB reserved but unallocated.)
+    _return_cached_blocks(static_x.device)
     cuda_graph = torch.cuda.CUDAGraph()
     # FlatQuant's Cayley solves: for LLaMA-70B-sized factors PyTorch picks MAGMA's batched LU, which
     # synchronises the host and so cannot be captured ("operation not permitted when stream is
@@ -268,5 +267,10 @@ def _release_failed_capture(step: _Step, device: torch.device) -> None:
     graph's pool and the eager steps of the next layer ran out of memory.)"""
     step.optimizer.zero_grad(set_to_none=True)
     gc.collect()
+    _return_cached_blocks(device)
+
+
+def _return_cached_blocks(device: torch.device) -> None:
+    """Give the caching allocator's free blocks back to the driver, once the device is idle."""
     torch.cuda.synchronize(device)
     torch.cuda.empty_cache()

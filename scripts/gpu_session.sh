@@ -19,20 +19,23 @@ R=/root/results; mkdir -p "$R"
 export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=index,name,memory.total --format=csv > "$R/gpus.csv"
 
+paper_runs() {  # REPORTS_NAME ARGS...: paper-profile runs missing from $R/REPORTS_NAME's tables, made and evaluated
+              # in the one run root (a run made by one job is only evaluated by another, not made again)
+  local name=$1; shift
+  echo "python -m eval.prequantize --profile paper --grid all --evaluate --missing-only --run-root /root/runs \
+        --reports-dir $R/$name $*"
+}
+
 job() {  # the command of one job name
   case "$1" in
     grid)   # every paper run (26 + FP) whose rows the repo's tables lack: calibration, perplexity on the
             # full test sets, zero-shot full sets (the tables are seeded from reports/ once per machine)
       [ -d "$R/grid/tables" ] || { mkdir -p "$R/grid/tables" && cp reports/tables/{perplexity,zeroshot}.csv "$R/grid/tables/"; }
-      echo "python -m eval.prequantize --profile paper --grid all --jobs-per-gpu ${GRID_JOBS:-2} --evaluate --zeroshot \
-            --zeroshot-batch-size 64 --missing-only --run-root /root/runs --reports-dir $R/grid ${GRID_ARGS:-}" ;;
+      paper_runs grid --jobs-per-gpu "${GRID_JOBS:-2}" --zeroshot --zeroshot-batch-size 64 "${GRID_ARGS:-}" ;;
     fp)     # FP's rows alone first (full-set perplexity + zero-shot): the reference of both papers' averages
-      echo "python -m eval.prequantize --profile paper --grid all --only-runs fp-W16A16-s --evaluate --zeroshot \
-            --zeroshot-batch-size 64 --missing-only --run-root /root/runs --reports-dir $R/fp" ;;
-    alone)  # trained runs of the paper grid, one run on the GPU at a time (issue 9); the grid's run root, so
-            # that a run made alone is only evaluated by a later grid job, not made again
-      echo "python -m eval.prequantize --profile paper --grid all --only-runs ${ALONE_RUNS:-flatquant-W4A4KV4-s qllm-W4A4-a} \
-            --jobs-per-gpu 1 --evaluate --missing-only --run-root /root/runs --reports-dir $R/alone" ;;
+      paper_runs fp --only-runs fp-W16A16-s --zeroshot --zeroshot-batch-size 64 ;;
+    alone)  # trained runs of the paper grid, one run on the GPU at a time (issue 9)
+      paper_runs alone --only-runs "${ALONE_RUNS:-flatquant-W4A4KV4-s qllm-W4A4-a}" --jobs-per-gpu 1 ;;
     profile)  # issue 9: wall vs device time per training step (CUDA graphs, the methods' autocast)
       echo "python eval/profile_calibration.py --label new --modes graph graph+compile --cases flatquant qllm omniquant \
             --out $R/profile/calib_profile_graph.json" ;;
