@@ -46,8 +46,9 @@ from .reports import CALIBRATION_COLUMNS, CALIBRATION_KEYS, PERPLEXITY_COLUMNS, 
 from .zeroshot import TASKS, experiment_zero_shot
 
 REPORTS = Path(__file__).resolve().parents[1] / "reports"
-# Rough cost order (longest first), so the slowest runs start at once.
-_COST = {"omniquant": 0, "flatquant": 1, "qllm": 2, "gptq": 3, "quarot": 4, "smoothquant": 5, "rtn": 6, FP_METHOD: 7}
+# Start order: FP first (its rows are the reference of every table's averages and it needs no calibration),
+# then the rest by rough calibration cost (longest first), so the slowest runs start at once.
+_COST = {FP_METHOD: 0, "omniquant": 1, "flatquant": 2, "qllm": 3, "gptq": 4, "quarot": 5, "smoothquant": 6, "rtn": 7}
 
 
 def pending(experiments: list[Experiment], run_root: Path, evaluate: bool) -> list[Experiment]:
