@@ -62,10 +62,10 @@ def pending(experiments: list[Experiment], run_root: Path, evaluate: bool) -> li
 
 def _work(slots, profile_name: str, model: str | None, device: str | None, exp: Experiment, run_root: str, data_dir,
           jobs: int, threads: int, evaluate: bool, zeroshot_batch: int | None, tables: Path):
-    gpu = slots.get()  # a free GPU slot, pinned before CUDA is initialised in this fresh process
+    gpu = slots.get()  # a free GPU slot (gpu_slots), pinned before CUDA is initialised in this fresh process
     try:
         if gpu is not None:
-            os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
+            os.environ["CUDA_VISIBLE_DEVICES"] = gpu
         return _run(profile_name, model, device, exp, run_root, data_dir, jobs, threads, evaluate, zeroshot_batch,
                     tables)
     finally:
@@ -150,8 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     context = multiprocessing.get_context("spawn")  # CUDA cannot be shared with forked workers
     manager = context.Manager()
     slots = manager.Queue()
-    for slot in range(workers):
-        slots.put(slot % gpus if gpus else None)
+    for device in gpu_slots(workers, gpus, os.environ.get("CUDA_VISIBLE_DEVICES")):
+        slots.put(device)
     failures = 0
     with manager, ProcessPoolExecutor(workers, mp_context=context, max_tasks_per_child=1) as pool:
         futures = {pool.submit(_work, slots, args.profile, args.model, args.device, e, args.run_root, args.data_dir,
@@ -201,6 +201,20 @@ def zero_shot_reported(table_path: Path, profile, exp: Experiment) -> bool:
     """Whether the zero-shot table has ``exp``'s rows on every task at the profile's subset size."""
     rows = _rows_of(table_path, profile, exp)
     return rows is not None and set(TASKS) <= set(rows[rows.limit == str(profile.zeroshot_subset or "all")].task)
+
+
+def gpu_slots(workers: int, gpus: int, visible: str | None) -> list[str | None]:
+    """The ``CUDA_VISIBLE_DEVICES`` value of each worker slot: ``workers`` slots spread round-robin over the
+    first ``gpus`` devices *this* process sees. A worker's setting replaces its parent's list, so a slot
+    names the device the parent's list names (``visible``), not its index in that list: with
+    ``CUDA_VISIBLE_DEVICES=1,2`` slot 0 is device 1. (Naming the index put a job given GPUs 1 and 2 on
+    GPUs 0 and 1, next to another job; reports/bench/gpu_session_4xH200.json.) None: no GPU."""
+    if not gpus:
+        return [None] * workers
+    devices = [d.strip() for d in visible.split(",") if d.strip()] if visible else [str(i) for i in range(gpus)]
+    if len(devices) < gpus:
+        raise ValueError(f"{gpus} GPUs asked for but CUDA_VISIBLE_DEVICES={visible!r} names {len(devices)}")
+    return [devices[slot % gpus] for slot in range(workers)]
 
 
 def _gpu_count(device: str) -> int:

@@ -166,3 +166,15 @@ def test_prequantize_set_overrides_one_methods_option():
     assert with_options(Experiment("qllm"), ["flatquant.epochs=2"]).options == {}
     with pytest.raises(SystemExit, match="METHOD.OPTION=JSON"):
         with_options(flat, ["epochs=2"])
+
+
+def test_prequantize_gpu_slots_name_the_parents_devices():
+    from eval.prequantize import gpu_slots
+
+    # a job given GPUs 1 and 2 keeps its workers there (slot index 0 is device "1", not device "0")
+    assert gpu_slots(4, 2, "1,2") == ["1", "2", "1", "2"]
+    assert gpu_slots(3, 3, None) == ["0", "1", "2"]
+    assert gpu_slots(2, 1, "GPU-abc, GPU-def") == ["GPU-abc", "GPU-abc"]  # UUIDs pass through; first device only
+    assert gpu_slots(2, 0, "0") == [None, None]  # CPU
+    with pytest.raises(ValueError, match="names 1"):
+        gpu_slots(2, 2, "3")
