@@ -75,6 +75,7 @@ from tqdm import tqdm
 
 from qllm_core.adapters import ModelAdapter
 from qllm_core.engine import BlockwiseEngine, activation_copies, activation_storage
+from qllm_core.gpu_monitor import PeakMemory, free_gpu_bytes
 from qllm_core.memory_budget import GIB, check_fits_one_gpu, estimate_group_memory, host_merge_bytes, layer_parameters
 from qllm_core.methods import QuantConfig, make_method
 from qllm_core.methods.flatquant import DEFAULTS as FLATQUANT_DEFAULTS
@@ -263,7 +264,7 @@ def measure(shape: str, method: str, layers: int | None = None, nsamples: int = 
         raise ValueError(f"{shape} has {total} decoder layers; cannot measure {layers}")
     on_gpu = torch.device(device).type == "cuda"
     gpu_bytes = (int(gpu_memory_gib * GIB) if gpu_memory_gib is not None
-                 else torch.cuda.mem_get_info(torch.device(device))[0] if on_gpu else None)
+                 else free_gpu_bytes(device) if on_gpu else None)
     estimate = estimate_group_memory(config, qmethod, nsamples, seqlen, dtype, gpu_bytes or 80 * GIB, batch_size)
     if gpu_bytes is not None:  # before anything is built
         check_fits_one_gpu(f"{shape} / {method} {spec.quant.label}", estimate, gpu_bytes)
@@ -274,11 +275,12 @@ def measure(shape: str, method: str, layers: int | None = None, nsamples: int = 
     engine = BlockwiseEngine(model, ModelAdapter(model), device, None, batch_size)
     if on_gpu:
         torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
+    peak = PeakMemory(device).start() if on_gpu else None
     start = time.perf_counter()
     engine.run(tally, ids if qmethod.needs_calibration else None)
     if on_gpu:
         torch.cuda.synchronize(device)
+        peak.stop()
     wall = time.perf_counter() - start
 
     sizes = group_sizes(layers, qmethod.layers_per_group)
@@ -291,7 +293,7 @@ def measure(shape: str, method: str, layers: int | None = None, nsamples: int = 
     return {
         "shape": shape, "method": method, "bits": spec.quant.label, "layers_measured": layers, "layers_total": total,
         "seconds_per_layer": round(per_layer, 3), "projected_hours": round(projected_hours(per_layer, total, fixed), 3),
-        "peak_gpu_mem_gib": round(torch.cuda.max_memory_allocated(device) / GIB, 2) if on_gpu else "-",
+        "peak_gpu_mem_gib": round(peak.peak / GIB, 2) if on_gpu else "-",
         "calib_samples": nsamples if qmethod.needs_calibration else 0,
         "calib_seqlen": seqlen if qmethod.needs_calibration else 0,
         "device": device_label(device), "profile": profile, "fixed_seconds": round(fixed, 2),

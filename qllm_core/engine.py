@@ -27,6 +27,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .adapters import ModelAdapter
+from .gpu_monitor import free_gpu_bytes
 
 
 class _StopForward(Exception):
@@ -202,7 +203,7 @@ class BlockwiseEngine:
         """:func:`activation_storage` for ``copies`` activation tensors of these calibration windows."""
         itemsize = next(self.model.parameters()).dtype.itemsize
         need = copies * calibration_ids.numel() * self.adapter.hidden_size * itemsize
-        free = torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else None
+        free = free_gpu_bytes(self.device) if self.device.type == "cuda" else None
         return activation_storage(self.device, need, free)
 
     def run(self, method: LayerMethod, calibration_ids: torch.Tensor | None = None) -> None:

@@ -1,4 +1,5 @@
-"""How busy the GPU was during a piece of work: NVML utilization, sampled in the background.
+"""How busy the GPU was during a piece of work (NVML utilization, sampled in the background), its peak
+memory (:class:`PeakMemory`) and the memory still free for it (:func:`free_gpu_bytes`).
 
 NVML's utilization is the share of the last sample period (1/6 s to 1 s, by GPU) in which one or
 more kernels ran, for the whole device (other processes' kernels count too: a run sharing the GPU
@@ -7,6 +8,7 @@ near 1 when the GPU, not Python, sets the pace. Without NVML bindings (``pynvml`
 """
 from __future__ import annotations
 
+import gc
 import threading
 
 import torch
@@ -44,3 +46,56 @@ class UtilizationSampler:
     @property
     def mean(self) -> float | None:
         return sum(self.samples) / (100.0 * len(self.samples)) if self.samples else None
+
+
+class PeakMemory:
+    """Peak allocated GPU memory (bytes) between :meth:`start` and :meth:`stop`; also a context manager.
+
+    torch keeps one peak counter per device, and a measurement resets it: an inner measurement (the
+    training loop's warm-up steps) would erase the peak an outer one (a whole calibration's
+    ``peak_gpu_mem_gib``) is collecting. So every measurement running when another starts or stops is
+    handed the peak seen so far, and nesting gives each its true peak.
+    """
+
+    _running: list["PeakMemory"] = []
+
+    def __init__(self, device: torch.device | str):
+        device = torch.device(device)
+        self.device = device if device.index is not None else torch.device("cuda", torch.cuda.current_device())
+        self.peak = 0
+
+    def _hand_over(self, peak: int) -> None:
+        for measurement in PeakMemory._running:
+            if measurement.device == self.device:
+                measurement.peak = max(measurement.peak, peak)
+
+    def start(self) -> "PeakMemory":
+        self._hand_over(torch.cuda.max_memory_allocated(self.device))
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self.peak = torch.cuda.memory_allocated(self.device)
+        PeakMemory._running.append(self)
+        return self
+
+    def stop(self) -> int:
+        if self in PeakMemory._running:
+            PeakMemory._running.remove(self)
+            self.peak = max(self.peak, torch.cuda.max_memory_allocated(self.device))
+            self._hand_over(self.peak)
+        return self.peak
+
+    def __enter__(self) -> "PeakMemory":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def free_gpu_bytes(device: torch.device | str) -> int:
+    """Bytes the driver can still give this process on ``device``, after handing back what this process
+    holds cached but no longer uses (unreachable Python objects, the caching allocator's free blocks).
+    ``mem_get_info`` alone counts those as used: one calibration-cost job refused to start because the
+    jobs before it in the same process had left ~90 GiB cached (reports/bench/gpu_session_4xH200.json)."""
+    gc.collect()
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    return torch.cuda.mem_get_info(torch.device(device))[0]

@@ -11,6 +11,7 @@ evaluate without recalibrating. The per-layer files double as the engine's resum
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -20,7 +21,7 @@ import torch
 
 from .data import calibration_windows, default_calibration_dataset
 from .engine import BlockwiseEngine, load_layer_state
-from .gpu_monitor import UtilizationSampler
+from .gpu_monitor import PeakMemory, UtilizationSampler
 from .methods import QuantConfig, make_method
 from .models import LoadedModel, load_model
 
@@ -74,17 +75,15 @@ def quantize_to_run(
     run_dir.mkdir(parents=True, exist_ok=True)
     _write_json(existing, {**record, "status": "running"})
     on_gpu = torch.device(device).type == "cuda"
-    if on_gpu:
-        torch.cuda.reset_peak_memory_stats()
     engine = BlockwiseEngine(loaded.model, loaded.adapter, device, run_dir / "layers", calib.batch_size)
     start = time.time()
-    with UtilizationSampler(device) as busy:
+    with UtilizationSampler(device) as busy, (PeakMemory(device) if on_gpu else contextlib.nullcontext()) as peak:
         engine.run(qmethod, calib_ids)
     stats = {"calib_seconds": round(time.time() - start, 2), "device": str(device), "concurrent_jobs": concurrent_jobs,
              "layers_per_group": qmethod.layers_per_group,
              "group_seconds": [round(t, 3) for t in engine.group_seconds], "resumed_layers": engine.resumed_layers}
     if on_gpu:
-        stats["peak_gpu_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+        stats["peak_gpu_mem_gib"] = round(peak.peak / 2**30, 3)
         stats["gpu_busy_share"] = None if busy.mean is None else round(busy.mean, 3)
     _write_json(existing, {**record, "status": "complete", "stats": stats})
     return loaded

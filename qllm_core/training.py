@@ -27,7 +27,6 @@ graph replays the kernels of the eager step (tests compare the two on a GPU).
 from __future__ import annotations
 
 import contextlib
-import gc
 import math
 import time
 import warnings
@@ -39,9 +38,13 @@ from torch import nn
 from torch.nn import functional as F
 
 from .engine import call_layer
+from .gpu_monitor import PeakMemory, free_gpu_bytes
 from .quant import compiled_fake_quant, shared_inputs
 
 WARMUP_STEPS = 2  # eager steps before the CUDA graph is captured (lazy optimizer/scaler state)
+# Free memory a capture asks for, in multiples of the eager step's (_try_capture). A margin chosen, not
+# measured: the one failure seen says only that a capture can need more than the eager step did.
+CAPTURE_HEADROOM = 1.5
 # Autocast dtypes a method may train with on CUDA (methods' ``amp_dtype`` option; CPU trains in float32).
 AMP_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": None}
 
@@ -199,6 +202,9 @@ def train_block(job: BlockTraining, device: torch.device, graph: bool | None = N
     if stream is not None:
         stream.wait_stream(torch.cuda.current_stream(device))
     static_x = static_t = cuda_graph = None
+    # the eager warm-up steps' peak memory, which decides whether a capture can fit (_try_capture)
+    warmup = PeakMemory(device).start() if graph else None
+    warmup_base = torch.cuda.memory_allocated(device) if graph else 0
     with torch.enable_grad(), compiled_fake_quant(compile_quantizers), torch.cuda.stream(stream):
         for batches in _batches(job, device):
             for index in batches:
@@ -215,23 +221,46 @@ def train_block(job: BlockTraining, device: torch.device, graph: bool | None = N
                 stats.steps += 1
                 if graph and cuda_graph is None and stats.steps == WARMUP_STEPS:
                     static_x, static_t = x.to(device, copy=True), target.to(device, copy=True)
-                    try:
-                        cuda_graph = _capture(step, static_x, static_t)
-                    except RuntimeError as err:  # a capture records, runs nothing: go on eagerly
-                        graph, stats.graph_error = False, f"{type(err).__name__}: {err}"[:300]
-                    if stats.graph_error:  # out of the except block: its traceback no longer holds the graph
-                        _release_failed_capture(step, device)
-                        warnings.warn(f"{job.name}: the training step could not be captured in a CUDA graph "
+                    step_bytes = warmup.stop() - warmup_base
+                    cuda_graph, stats.graph_error = _try_capture(step, static_x, static_t, step_bytes)
+                    if stats.graph_error:  # a capture records, runs nothing: go on eagerly
+                        graph = False
+                        warnings.warn(f"{job.name}: the training step was not captured in a CUDA graph "
                                       f"({stats.graph_error}); the remaining steps run eagerly")
             epoch_loss = step.loss_sum.item() / len(batches)  # the one host sync of an epoch
             step.loss_sum.zero_()
             if not math.isfinite(epoch_loss):
                 raise FloatingPointError(f"{job.name}: non-finite loss in epoch {len(stats.epoch_losses)}")
             stats.epoch_losses.append(epoch_loss)
+    if warmup is not None:
+        warmup.stop()  # fewer steps than the warm-up: never captured
     if stream is not None:
         torch.cuda.current_stream(device).wait_stream(stream)
     stats.wall_seconds = time.perf_counter() - start
     return stats
+
+
+def _try_capture(step: _Step, static_x: torch.Tensor, static_t: torch.Tensor,
+                 step_bytes: int) -> tuple[torch.cuda.CUDAGraph | None, str | None]:
+    """``(graph, None)``, or ``(None, why)`` when the step is not captured (the caller goes on eagerly).
+
+    A capture allocates the whole step again, in a private pool, and torch (2.11-2.13) cannot undo a
+    capture that fails: the pool stays reserved until the process exits (pytorch/pytorch#190348), and a
+    capture that runs out of memory fails as "operation failed due to a previous error during capture"
+    (pytorch/pytorch#187795). So the step is only captured when the free memory is ``CAPTURE_HEADROOM``
+    times what the eager warm-up step took (``step_bytes``). Seen on an H200 with LLaMA-3-70B FlatQuant:
+    layer 0's capture failed, 29.9 GiB stayed in its pool, and layer 1's eager steps ran out of memory.
+    """
+    free = free_gpu_bytes(static_x.device)
+    if free < CAPTURE_HEADROOM * step_bytes:
+        return None, (f"{free / 2**30:.1f} GiB free, the eager step took {step_bytes / 2**30:.1f} GiB: "
+                      f"a capture needs {CAPTURE_HEADROOM}x that")
+    try:
+        return _capture(step, static_x, static_t), None
+    except RuntimeError as err:
+        why = describe_error(err)
+    _release_failed_capture(step, static_x.device)  # out of the except block: its traceback no longer holds the graph
+    return None, why
 
 
 def _capture(step: _Step, static_x: torch.Tensor, static_t: torch.Tensor) -> torch.cuda.CUDAGraph:
@@ -239,38 +268,50 @@ def _capture(step: _Step, static_x: torch.Tensor, static_t: torch.Tensor) -> tor
 
     The gradients are set to None first, so the captured backward allocates them in the graph's
     memory and every replay writes them afresh (torch.cuda.graphs' whole-network recipe).
+    With torch's own choice of LU first; if that syncs the host (MAGMA's batched LU for large
+    factors: "operation not permitted when stream is capturing", LLaMA-70B-sized FlatQuant factors on
+    the H200), again with cuSOLVER's LU, which runs on the stream (same factorisation, partial
+    pivoting). Not cuSOLVER always: for the small batched factors of the embedded model the FlatQuant
+    step with it took 7.0 s per layer on an H200 where torch's choice had taken 4.2 s (suspected cause,
+    not yet measured apart).
     """
+    try:
+        return _record(step, static_x, static_t)
+    except RuntimeError as err:
+        if "stream is capturing" not in describe_error(err):
+            raise
     step.optimizer.zero_grad(set_to_none=True)
-    # The graph allocates from a private memory pool, which cannot take blocks the ordinary pool holds
-    # cached, and nothing can be freed while capturing: hand the cached blocks back to the driver
-    # first. (LLaMA-3-70B FlatQuant on a 141 GB H200: a capture failed, and the next layer's eager step
-    # ran out of memory with 61.7 GB reserved but unallocated.)
-    _return_cached_blocks(static_x.device)
-    cuda_graph = torch.cuda.CUDAGraph()
-    # FlatQuant's Cayley solves: for LLaMA-70B-sized factors PyTorch picks MAGMA's batched LU, which
-    # synchronises the host and so cannot be captured ("operation not permitted when stream is
-    # capturing", seen on the H200); cuSOLVER's LU runs on the stream. Same factorisation (partial pivoting).
     previous = torch.backends.cuda.preferred_linalg_library()
     torch.backends.cuda.preferred_linalg_library("cusolver")
     try:
-        with torch.cuda.graph(cuda_graph):
-            step(static_x, static_t)
+        return _record(step, static_x, static_t)
     finally:
         torch.backends.cuda.preferred_linalg_library(previous)
+
+
+def _record(step: _Step, static_x: torch.Tensor, static_t: torch.Tensor) -> torch.cuda.CUDAGraph:
+    step.optimizer.zero_grad(set_to_none=True)
+    cuda_graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(cuda_graph):  # which frees the cached blocks first: the private pool cannot use them
+        step(static_x, static_t)
     return cuda_graph
 
 
+def describe_error(err: BaseException, limit: int = 600) -> str:
+    """``Type: message`` of ``err`` and of the errors it was raised from or while handling, outermost first.
+    A capture's first error (an out-of-memory, a host sync) surfaces as the context of the error that
+    ending the capture raises; the outer message alone does not say what went wrong."""
+    parts, seen = [], set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        parts.append(f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+        err = err.__cause__ or err.__context__
+    return " <- ".join(parts)[:limit]
+
+
 def _release_failed_capture(step: _Step, device: torch.device) -> None:
-    """Free what a failed capture left behind before the eager steps need the memory: the gradients its
-    backward allocated in the graph's private pool (they keep the pool alive once the graph object is
-    gone) and the cached blocks. (Seen on the H200, LLaMA-70B FlatQuant: 29.9 GB stayed in the failed
-    graph's pool and the eager steps of the next layer ran out of memory.)"""
+    """Free what a failed capture left behind that can be freed before the eager steps need the memory:
+    the gradients its backward allocated in the graph's pool and the cached blocks (the pool itself stays
+    reserved: see :func:`_try_capture`)."""
     step.optimizer.zero_grad(set_to_none=True)
-    gc.collect()
-    _return_cached_blocks(device)
-
-
-def _return_cached_blocks(device: torch.device) -> None:
-    """Give the caching allocator's free blocks back to the driver, once the device is idle."""
-    torch.cuda.synchronize(device)
-    torch.cuda.empty_cache()
+    free_gpu_bytes(device)

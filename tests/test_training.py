@@ -326,7 +326,7 @@ def test_a_step_that_cannot_be_captured_runs_eagerly(monkeypatch):
             step.job.forward_context = original
     monkeypatch.setattr(training, "_capture", syncing_capture)
     fallback_job = job()
-    with pytest.warns(UserWarning, match="could not be captured"):
+    with pytest.warns(UserWarning, match="was not captured"):
         stats = train_block(fallback_job, "cuda", graph=True)
     assert stats.graph_steps == 0 and stats.graph_error and stats.steps == 8
     for a, b in zip(eager_job.module.parameters(), fallback_job.module.parameters()):
@@ -341,3 +341,104 @@ def test_step_operator_count_leaves_the_optimizer_out():
     row = count_step_ops("omniquant", "smollm2-135m", nsamples=2, seqlen=16)
     assert row["case"] == "omniquant" and row["ops_per_step"] > 100
     assert "mm" in row["ops"] and not {"lerp_", "addcdiv_", "addcmul_", "_fused_adamw_"} & set(row["ops"])
+
+
+def test_describe_error_names_the_first_error_of_a_failed_capture():
+    import qllm_core.training as training
+
+    try:
+        try:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB\nmore detail")
+        except torch.OutOfMemoryError:
+            raise RuntimeError("operation failed due to a previous error during capture")
+    except RuntimeError as err:
+        text = training.describe_error(err)
+    assert text == ("RuntimeError: operation failed due to a previous error during capture <- "
+                    "OutOfMemoryError: CUDA out of memory. Tried to allocate 8.00 GiB")
+
+
+def test_capture_is_skipped_without_headroom(monkeypatch):
+    """No capture is tried when the free memory is under CAPTURE_HEADROOM x the eager step's: a failed
+    capture's pool cannot be given back."""
+    import qllm_core.training as training
+
+    gib = 2**30
+    monkeypatch.setattr(training, "free_gpu_bytes", lambda device: 10 * gib)
+    monkeypatch.setattr(training, "_capture", lambda *a: pytest.fail("capture tried without headroom"))
+    graph, why = training._try_capture(None, torch.zeros(1), torch.zeros(1), step_bytes=8 * gib)
+    assert graph is None and why == "10.0 GiB free, the eager step took 8.0 GiB: a capture needs 1.5x that"
+    monkeypatch.setattr(training, "_capture", lambda *a: "graph")
+    assert training._try_capture(None, torch.zeros(1), torch.zeros(1), step_bytes=6 * gib) == ("graph", None)
+
+
+class _FakeStep:
+    class optimizer:
+        @staticmethod
+        def zero_grad(set_to_none):
+            pass
+
+
+def _chained(outer: str, inner: str) -> RuntimeError:
+    try:
+        try:
+            raise RuntimeError(inner)
+        except RuntimeError:
+            raise RuntimeError(outer)
+    except RuntimeError as err:
+        return err
+
+
+@pytest.mark.parametrize("first_error, retried", [
+    ("operation not permitted when stream is capturing", True),  # MAGMA's LU synced the host
+    ("CUDA out of memory", False),  # cuSOLVER would not help: raised for the eager fallback
+])
+def test_capture_retries_with_cusolver_only_after_a_host_sync(monkeypatch, first_error, retried):
+    import qllm_core.training as training
+
+    backend = ["default"]
+    calls = []
+
+    def library(name=None):
+        if name is not None:
+            backend[0] = name
+        return backend[0]
+
+    def record(step, x, t):
+        calls.append(backend[0])
+        if len(calls) == 1:
+            raise _chained("operation failed due to a previous error during capture", first_error)
+        return "graph"
+    monkeypatch.setattr(torch.backends.cuda, "preferred_linalg_library", library)
+    monkeypatch.setattr(training, "_record", record)
+    if retried:
+        assert training._capture(_FakeStep(), None, None) == "graph"
+        assert calls == ["default", "cusolver"] and backend == ["default"]  # torch's choice first, then restored
+    else:
+        with pytest.raises(RuntimeError, match="previous error during capture"):
+            training._capture(_FakeStep(), None, None)
+        assert calls == ["default"]
+
+
+def test_peak_memory_measurements_nest(monkeypatch):
+    """torch has one peak counter per device: an inner measurement's reset must not lose the outer peak."""
+    from qllm_core.gpu_monitor import PeakMemory
+
+    state = {"now": 0, "peak": 0}
+
+    def allocate(n):
+        state["now"] += n
+        state["peak"] = max(state["peak"], state["now"])
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: state["now"])
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: state["peak"])
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: state.update(peak=state["now"]))
+    with PeakMemory("cuda:0") as outer:
+        allocate(100)
+        allocate(-100)  # the outer peak, 100, before the inner measurement resets the counter
+        with PeakMemory("cuda:0") as inner:
+            allocate(30)
+            allocate(-30)
+        allocate(50)
+    assert inner.peak == 30 and outer.peak == 100
+    with PeakMemory("cuda:0") as later:  # 50 still allocated
+        allocate(20)
+    assert later.peak == 70
