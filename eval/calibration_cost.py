@@ -63,6 +63,7 @@ at most ~10 minutes; see the README.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
@@ -275,13 +276,12 @@ def measure(shape: str, method: str, layers: int | None = None, nsamples: int = 
     engine = BlockwiseEngine(model, ModelAdapter(model), device, None, batch_size)
     if on_gpu:
         torch.cuda.synchronize(device)
-    peak = PeakMemory(device).start() if on_gpu else None
-    start = time.perf_counter()
-    engine.run(tally, ids if qmethod.needs_calibration else None)
-    if on_gpu:
-        torch.cuda.synchronize(device)
-        peak.stop()
-    wall = time.perf_counter() - start
+    with (PeakMemory(device) if on_gpu else contextlib.nullcontext()) as peak:
+        start = time.perf_counter()
+        engine.run(tally, ids if qmethod.needs_calibration else None)
+        if on_gpu:
+            torch.cuda.synchronize(device)
+        wall = time.perf_counter() - start
 
     sizes = group_sizes(layers, qmethod.layers_per_group)
     measured_epochs = options.get("epochs", spec.paper_epochs) if spec.paper_epochs else None

@@ -62,7 +62,7 @@ class PeakMemory:
     def __init__(self, device: torch.device | str):
         device = torch.device(device)
         self.device = device if device.index is not None else torch.device("cuda", torch.cuda.current_device())
-        self.peak = 0
+        self.base = self.peak = 0
 
     def _hand_over(self, peak: int) -> None:
         for measurement in PeakMemory._running:
@@ -72,7 +72,7 @@ class PeakMemory:
     def start(self) -> "PeakMemory":
         self._hand_over(torch.cuda.max_memory_allocated(self.device))
         torch.cuda.reset_peak_memory_stats(self.device)
-        self.peak = torch.cuda.memory_allocated(self.device)
+        self.base = self.peak = torch.cuda.memory_allocated(self.device)  # base: allocated at the start
         PeakMemory._running.append(self)
         return self
 

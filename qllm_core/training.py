@@ -203,9 +203,8 @@ def train_block(job: BlockTraining, device: torch.device, graph: bool | None = N
         stream.wait_stream(torch.cuda.current_stream(device))
     static_x = static_t = cuda_graph = None
     # the eager warm-up steps' peak memory, which decides whether a capture can fit (_try_capture)
-    warmup = PeakMemory(device).start() if graph else None
-    warmup_base = torch.cuda.memory_allocated(device) if graph else 0
-    with torch.enable_grad(), compiled_fake_quant(compile_quantizers), torch.cuda.stream(stream):
+    warmup = PeakMemory(device) if graph else contextlib.nullcontext()
+    with warmup, torch.enable_grad(), compiled_fake_quant(compile_quantizers), torch.cuda.stream(stream):
         for batches in _batches(job, device):
             for index in batches:
                 step.set_lr(lrs[stats.steps])
@@ -221,7 +220,7 @@ def train_block(job: BlockTraining, device: torch.device, graph: bool | None = N
                 stats.steps += 1
                 if graph and cuda_graph is None and stats.steps == WARMUP_STEPS:
                     static_x, static_t = x.to(device, copy=True), target.to(device, copy=True)
-                    step_bytes = warmup.stop() - warmup_base
+                    step_bytes = warmup.stop() - warmup.base
                     cuda_graph, stats.graph_error = _try_capture(step, static_x, static_t, step_bytes)
                     if stats.graph_error:  # a capture records, runs nothing: go on eagerly
                         graph = False
@@ -232,8 +231,6 @@ def train_block(job: BlockTraining, device: torch.device, graph: bool | None = N
             if not math.isfinite(epoch_loss):
                 raise FloatingPointError(f"{job.name}: non-finite loss in epoch {len(stats.epoch_losses)}")
             stats.epoch_losses.append(epoch_loss)
-    if warmup is not None:
-        warmup.stop()  # fewer steps than the warm-up: never captured
     if stream is not None:
         torch.cuda.current_stream(device).wait_stream(stream)
     stats.wall_seconds = time.perf_counter() - start
