@@ -241,12 +241,12 @@ def _try_capture(step: _Step, static_x: torch.Tensor, static_t: torch.Tensor,
                  step_bytes: int) -> tuple[torch.cuda.CUDAGraph | None, str | None]:
     """``(graph, None)``, or ``(None, why)`` when the step is not captured (the caller goes on eagerly).
 
-    A capture allocates the whole step again, in a private pool, and torch (2.11-2.13) cannot undo a
-    capture that fails: the pool stays reserved until the process exits (pytorch/pytorch#190348), and a
-    capture that runs out of memory fails as "operation failed due to a previous error during capture"
-    (pytorch/pytorch#187795). So the step is only captured when the free memory is ``CAPTURE_HEADROOM``
-    times what the eager warm-up step took (``step_bytes``). Seen on an H200 with LLaMA-3-70B FlatQuant:
-    layer 0's capture failed, 29.9 GiB stayed in its pool, and layer 1's eager steps ran out of memory.
+    A capture allocates the whole step again, in a private pool; a capture that runs out of memory fails
+    as "operation failed due to a previous error during capture" (pytorch/pytorch#187795), and undoing a
+    failed capture relies on :func:`_abandon_pool`'s work-around of torch bugs. So the step is only
+    captured when the free memory is ``CAPTURE_HEADROOM`` times what the eager warm-up step took
+    (``step_bytes``). Seen on an H200 with LLaMA-3-70B FlatQuant: layer 0's capture failed, 29.9 GiB
+    stayed in its pool, and layer 1's eager steps ran out of memory.
     """
     free = free_gpu_bytes(static_x.device)
     if free < CAPTURE_HEADROOM * step_bytes:
@@ -289,9 +289,37 @@ def _capture(step: _Step, static_x: torch.Tensor, static_t: torch.Tensor) -> tor
 def _record(step: _Step, static_x: torch.Tensor, static_t: torch.Tensor) -> torch.cuda.CUDAGraph:
     step.optimizer.zero_grad(set_to_none=True)
     cuda_graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(cuda_graph):  # which frees the cached blocks first: the private pool cannot use them
-        step(static_x, static_t)
+    try:
+        with torch.cuda.graph(cuda_graph):  # which frees the cached blocks first: the private pool cannot use them
+            step(static_x, static_t)
+    except RuntimeError:
+        _abandon_pool(cuda_graph, static_x.device)
+        raise
     return cuda_graph
+
+
+def _abandon_pool(cuda_graph: torch.cuda.CUDAGraph, device: torch.device) -> None:
+    """Give back the memory pool of a capture that failed at its end.
+
+    When ending the capture fails (``cudaStreamEndCapture`` reports the capture invalidated), torch 2.11
+    raises before it stops routing the stream's allocations into the graph's private pool
+    (pytorch/pytorch#180395, fixed later) and never releases that pool (pytorch/pytorch#190348): every
+    later allocation of the step's stream lands in a pool that cannot shrink, and the allocator, which
+    thinks a capture is under way, no longer frees cached blocks on an out-of-memory. (Seen on the H200:
+    after layer 0's failed capture, layer 1's eager step ran out of memory with 29.9 GiB in private pools
+    and 61.7 GiB reserved but unallocated.) So the routing is ended here and the pool released; on a
+    torch whose capture already ended the routing, ending it again raises, and nothing is done.
+    """
+    end = getattr(torch._C, "_cuda_endAllocateToPool", None)
+    release = getattr(torch._C, "_cuda_releasePool", None)
+    if end is None or release is None:
+        return
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    try:
+        end(index, cuda_graph.pool())
+    except RuntimeError:  # not recording to this pool: torch's own cleanup ran
+        return
+    release(index, cuda_graph.pool())
 
 
 def describe_error(err: BaseException, limit: int = 600) -> str:
@@ -307,8 +335,7 @@ def describe_error(err: BaseException, limit: int = 600) -> str:
 
 
 def _release_failed_capture(step: _Step, device: torch.device) -> None:
-    """Free what a failed capture left behind that can be freed before the eager steps need the memory:
-    the gradients its backward allocated in the graph's pool and the cached blocks (the pool itself stays
-    reserved: see :func:`_try_capture`)."""
+    """Free what a failed capture left behind before the eager steps need the memory: the gradients its
+    backward allocated in the graph's pool (:func:`_abandon_pool` released the pool) and the cached blocks."""
     step.optimizer.zero_grad(set_to_none=True)
     free_gpu_bytes(device)
