@@ -66,6 +66,9 @@ class LayerMethod(Protocol):
     name: str
     needs_calibration: bool  # False: no data needed (e.g. RTN)
     tracks_quant_inputs: bool  # True: also propagate inputs through the quantized layers
+    # with tracks_quant_inputs: whether calibrate_layer reads ctx.quant_inputs (False: only calibrate_group
+    # does, and the stream skips the layer-by-layer pass through a group's earlier layers)
+    layer_reads_quant_inputs: bool
     layers_per_group: int  # consecutive layers that calibrate_group trains jointly (1: per layer)
 
     def prepare_model(self, model: nn.Module, adapter: ModelAdapter) -> None: ...
@@ -230,6 +233,7 @@ class BlockwiseEngine:
             resume = all(self._saved(i) for i in indices)
             started = time.perf_counter()
             group_fp_inputs, group_quant_inputs = fp_inputs, quant_inputs
+            layer_quant_inputs = quant_inputs is not None and method.layer_reads_quant_inputs
             for index in indices:
                 layer = layers[index]
                 layer.to(self.device)
@@ -239,8 +243,9 @@ class BlockwiseEngine:
                 if resume:
                     load_layer_state(layer, self.checkpoint_path(index))
                 else:
-                    method.calibrate_layer(layer, self._context(index, fp_inputs, fp_outputs, quant_inputs, kwargs))
-                if quant_inputs is not None and not resume and index != indices[-1]:  # next layer of the group
+                    method.calibrate_layer(layer, self._context(index, fp_inputs, fp_outputs,
+                                                                quant_inputs if layer_quant_inputs else None, kwargs))
+                if layer_quant_inputs and not resume and index != indices[-1]:  # next layer of the group
                     quant_inputs = run_layer_batched(layer, quant_inputs, kwargs, self.device, self.batch_size)
                 fp_inputs = fp_outputs
                 progress.update()

@@ -223,3 +223,26 @@ def test_bad_options_are_refused():
         make_method("qllm", W4A4, ranks=4)
     with pytest.raises(ValueError, match="num_layer"):
         make_method("qllm", W4A4, num_layer=0)
+
+
+def test_no_quantized_stream_through_a_groups_earlier_layers(tiny_llama, monkeypatch):
+    """QLLM's layers never read the quantized stream, only their group's error correction does: the engine
+    skips the stream's pass through a group's earlier layers, and the result is bit-identical to making it."""
+    from qllm_core.methods.qllm import QLLMMethod
+
+    ids = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(0))
+
+    def run(layer_reads_quant_inputs: bool):
+        monkeypatch.setattr(QLLMMethod, "layer_reads_quant_inputs", layer_reads_quant_inputs)
+        torch.manual_seed(0)
+        model, adapter = tiny_llama(layers=4)
+        tokens = []
+        for layer in adapter.layers:
+            layer.register_forward_pre_hook(lambda mod, args, kw: tokens.append(
+                (args[0] if args else kw["hidden_states"]).shape[:2].numel()), with_kwargs=True)
+        run_engine(model, adapter, ids, None, epochs=2, num_layer=4)
+        return model.state_dict(), sum(tokens)
+
+    (made, tokens_made), (skipped, tokens_skipped) = run(True), run(False)
+    assert made.keys() == skipped.keys() and all(torch.equal(made[k], skipped[k]) for k in made)
+    assert tokens_made - tokens_skipped == 3 * ids.numel()  # layers 0-2 of the group: one pass each fewer

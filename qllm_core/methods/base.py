@@ -87,6 +87,7 @@ class QuantMethod:
     name: ClassVar[str] = "rtn"
     needs_calibration: ClassVar[bool] = False
     tracks_quant_inputs: ClassVar[bool] = False
+    layer_reads_quant_inputs: ClassVar[bool] = True  # see qllm_core.engine.LayerMethod
     layers_per_group: int = 1  # see calibrate_group
 
     def __init__(self, quant: QuantConfig, **options):

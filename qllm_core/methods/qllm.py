@@ -134,7 +134,10 @@ class QLLMMethod(QuantMethod):
 
     name = "qllm"
     needs_calibration = True
-    tracks_quant_inputs = True
+    tracks_quant_inputs = True  # error correction trains a group on the quantized stream into it
+    # the reassembly search works on FP statistics: no quantized stream through a group's earlier layers
+    # (for a 4-layer group that is 3 whole-calibration-set layer passes saved)
+    layer_reads_quant_inputs = False
 
     def __init__(self, quant, **options):
         merged = resolve_options("QLLM", DEFAULT_OPTIONS, options)
