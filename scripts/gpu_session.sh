@@ -39,6 +39,8 @@ job() {  # the command of one job name
     profile)  # issue 9: wall vs device time per training step (CUDA graphs, the methods' autocast)
       echo "python eval/profile_calibration.py --label new --modes graph graph+compile --cases flatquant qllm omniquant \
             --out $R/profile/calib_profile_graph.json" ;;
+    cayley)  # issue 9: the Cayley solves of a FlatQuant step under torch's LU, cuSOLVER and MAGMA (seconds)
+      echo "python scripts/bench_cayley_lu.py $R/cayley/cayley_lu.json" ;;
     speed)  # issue 12: layer + whole-model benchmarks, merged into the repo's speedup tables, then kept
       echo "QLLM_BENCH_JSONL=$R/speed/speedup_issue12.jsonl python -m eval.speedup --out reports --merge \
             --phases layers model --shapes llama2-7b --decode-batches 1 16 --kv-lens 512 4096 \
