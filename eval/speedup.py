@@ -9,7 +9,8 @@ exceed the L2 cache. Layer shapes only: weights are random, values do not change
 Phases (rows of reports/tables/speedup.csv, long format):
   kernel1  fused transform+quantize vs plain PyTorch (two bf16 matmuls + quantize + pack)
   gemm     W4A4 GEMM (FP8 / int8 tensor cores) vs bf16 cuBLAS; FP8 and int8 cuBLAS for reference
-  gemv     decode GEMV (W4A4, W4A16, and W4A4 with its transform+quantize launch) vs bf16
+  gemv     decode GEMV (W4A4, W4A16, and W4A4 with its transform+quantize launch) vs bf16; at 1-4 tokens also
+           the CUDA-core GEMV of kernels/w4_gemv.py (w4a4_core, w4a16_core)
   linear   one W4A4 linear with FlatQuant's online transform vs bf16 cuBLAS
   layers   rows of phase prefill / decode: one decoder layer, variants of kernels.llama_layer vs bf16
            (incl. w4a4-fp8 / flatquant-fp8: prefill GEMMs on cuBLAS FP8, kernels/fp8_linear.py;
@@ -180,6 +181,7 @@ def bench_gemv(rows, shapes, batches):
     torch = _cuda()
     from kernels.kronecker import kronecker_factors
     from kernels.qlinear import W4A4Linear
+    from kernels.w4_gemv import CORE_MAX_M, w4a4_gemv, w4a16_gemv
     from kernels.w4_matmul import w4a4_matmul, w4a16_matmul
     for s in shapes:
         for name, n, k in _linears(s):
@@ -202,12 +204,17 @@ def bench_gemv(rows, shapes, batches):
                         if kind == "w4a4_linear_kron":
                             lin = W4A4Linear(w, sw, p1, p2)
                             return lambda: lin(x)
+                        if kind == "w4a16_core":
+                            return lambda: w4a16_gemv(x, w, sw)
+                        if kind == "w4a4_core":
+                            return lambda: w4a4_gemv(a, sa, w, sw)
                         return lambda: w4a4_matmul(a, sa, w, sw, dot=kind.split("_")[1])
                     return make
 
                 fn, c = _rotating(bf16, n * k * 2)
                 t_bf16 = _bench(fn, graph=True) / c
-                for variant in ("w4a4_fp8", "w4a4_int8", "w4a4_fp16", "w4a16", "w4a4_linear_kron"):
+                core = ("w4a4_core", "w4a16_core") if b <= CORE_MAX_M else ()  # kernels/w4_gemv.py
+                for variant in ("w4a4_fp8", "w4a4_int8", "w4a4_fp16", "w4a16", "w4a4_linear_kron", *core):
                     fn, c = _rotating(packed(variant), n * k // 2)
                     rows.add(f"{s.name}:{name}", "gemv", variant, "bf16_cublas", t_bf16, _bench(fn, graph=True) / c,
                              batch=b, seqlen=1, nbytes=n * k // 2)

@@ -16,6 +16,8 @@ it is memory bound on the packed weights, which are 4x fewer bytes than bf16.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -176,6 +178,45 @@ def _check_weight(w_packed: torch.Tensor, w_scale: torch.Tensor, k: int) -> int:
     return n
 
 
+class W4A4Operands(NamedTuple):
+    """A W4A4 product's checked operands, flattened to 2-D / 1-D as the kernels take them."""
+    a: torch.Tensor  # (M, K/2) packed activation codes
+    a_scale: torch.Tensor  # (M,) fp32
+    a_zero: torch.Tensor | None  # (M,) fp32, asymmetric activations only
+    w_sum: torch.Tensor | None  # (N,) fp32 sums of the weight codes, asymmetric activations only
+    a_mode: int  # A_INT4 / A_UINT4
+    k: int
+    n: int
+    lead: tuple  # the activations' leading dims (the output's)
+
+
+def w4a4_operands(a_packed, a_scale, w_packed, w_scale, a_zero, w_sum) -> W4A4Operands:
+    """Check a W4A4 product's arguments (a clear error for each mistake) and flatten them."""
+    if a_packed.dtype != torch.uint8:
+        raise TypeError(f"packed activations must be uint8, got {a_packed.dtype}")
+    if (a_zero is None) != (w_sum is None):
+        raise ValueError("asymmetric activations need both a_zero and w_sum")
+    k = a_packed.shape[-1] * 2
+    n = _check_weight(w_packed, w_scale, k)
+    lead = tuple(a_packed.shape[:-1])
+    if a_scale.shape != lead or a_scale.dtype != torch.float32:
+        raise ValueError(f"a_scale must be float32 of shape {lead}, got {a_scale.dtype} {tuple(a_scale.shape)}")
+    return W4A4Operands(a_packed.reshape(-1, k // 2).contiguous(), a_scale.reshape(-1).contiguous(),
+                        a_zero.reshape(-1).float().contiguous() if a_zero is not None else None,
+                        w_sum.float().contiguous() if w_sum is not None else None,
+                        (A_UINT4 if a_zero is not None else A_INT4).value, k, n, lead)
+
+
+def w4a16_operands(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor, caller: str):
+    """``(x as (M, K) with unit stride, K, N)`` for a weight-only product, its arguments checked."""
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        raise TypeError(f"{caller} expects fp16/bf16 activations, got {x.dtype}")
+    k = x.shape[-1]
+    n = _check_weight(w_packed, w_scale, k)
+    x2 = x.reshape(-1, k)
+    return (x2 if x2.stride(-1) == 1 else x2.contiguous()), k, n
+
+
 def _launch(a2, a_scale, a_zero, w_packed, w_scale, w_sum, k, a_mode, dot, out_dtype, config, imprecise_k):
     m, n = a2.shape[0], w_packed.shape[0]
     out = torch.empty((m, n), dtype=out_dtype, device=a2.device)
@@ -216,33 +257,16 @@ def w4a4_matmul(a_packed: torch.Tensor, a_scale: torch.Tensor, w_packed: torch.T
         dot = DEFAULT_DOT[regime(a_packed.numel() // max(a_packed.shape[-1], 1))]
     if dot not in DOT_KINDS:
         raise ValueError(f"dot must be one of {DOT_KINDS}, got {dot!r}")
-    if a_packed.dtype != torch.uint8:
-        raise TypeError(f"packed activations must be uint8, got {a_packed.dtype}")
-    if (a_zero is None) != (w_sum is None):
-        raise ValueError("asymmetric activations need both a_zero and w_sum")
-    k = a_packed.shape[-1] * 2
-    n = _check_weight(w_packed, w_scale, k)
-    lead = a_packed.shape[:-1]
-    a2 = a_packed.reshape(-1, k // 2).contiguous()
-    if a_scale.shape != lead or a_scale.dtype != torch.float32:
-        raise ValueError(f"a_scale must be float32 of shape {tuple(lead)}, got {a_scale.dtype} {tuple(a_scale.shape)}")
-    zero = a_zero.reshape(-1).float().contiguous() if a_zero is not None else None
-    out = _launch(a2, a_scale.reshape(-1).contiguous(), zero, w_packed, w_scale,
-                  w_sum.float().contiguous() if w_sum is not None else None, k,
-                  (A_UINT4 if a_zero is not None else A_INT4).value, dot, out_dtype, config, imprecise_k)
-    return out.reshape(*lead, n)
+    ops = w4a4_operands(a_packed, a_scale, w_packed, w_scale, a_zero, w_sum)
+    out = _launch(ops.a, ops.a_scale, ops.a_zero, w_packed, w_scale, ops.w_sum, ops.k, ops.a_mode, dot, out_dtype,
+                  config, imprecise_k)
+    return out.reshape(*ops.lead, ops.n)
 
 
 def w4a16_matmul(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor,
                  out_dtype: torch.dtype | None = None, config: tuple | None = None) -> torch.Tensor:
     """Weight-only int4: out = x · dequant(W)ᵀ with x (..., K) fp16/bf16, codes converted exactly."""
-    if x.dtype not in (torch.float16, torch.bfloat16):
-        raise TypeError(f"w4a16_matmul expects fp16/bf16 activations, got {x.dtype}")
-    k = x.shape[-1]
-    n = _check_weight(w_packed, w_scale, k)
-    x2 = x.reshape(-1, k)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    x2, k, n = w4a16_operands(x, w_packed, w_scale, "w4a16_matmul")
     out = _launch(x2, None, None, w_packed, w_scale, None, k, A_FLOAT.value, "fp16", out_dtype or x.dtype, config, None)
     return out.reshape(*x.shape[:-1], n)
 

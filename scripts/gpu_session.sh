@@ -45,6 +45,9 @@ job() {  # the command of one job name
       echo "QLLM_BENCH_JSONL=$R/speed/speedup_issue12.jsonl python -m eval.speedup --out reports --merge \
             --phases layers model --shapes llama2-7b --decode-batches 1 16 --kv-lens 512 4096 \
             && cp reports/tables/speedup* reports/figures/speedup* $R/speed/" ;;
+    gemv)  # issue 12: decode GEMV rows (tensor-core tiles, the CUDA-core w4_gemv, bf16), merged like speed
+      echo "QLLM_BENCH_JSONL=$R/gemv/speedup_gemv.jsonl python -m eval.speedup --out reports --merge \
+            --phases gemv --shapes llama2-7b && cp reports/tables/speedup* $R/gemv/" ;;
     cost7)  # issue 11: LLaMA-2-7B / LLaMA-3-8B shapes, FlatQuant and QLLM
       echo "python -m eval.calibration_cost --profile paper --device cuda --methods flatquant qllm \
             --shapes llama2-7b llama3-8b --table $R/cost/calibration_cost.csv" ;;

@@ -1,0 +1,146 @@
+"""Decode GEMV on the CUDA cores for 1-4 tokens: packed int4 weights read as 32-bit words (issue 12).
+
+The tensor-core GEMV of :mod:`kernels.w4_matmul` pads one token to a 16-row tile and converts every
+weight nibble into a tensor-core operand; at batch 1 it reads the weights at ~0.9-1.0 TB/s on the H100
+(1.05-1.73x bf16, ``reports/kernels_notes.md``), where PyTorch's int4 kernel (tinygemm) reaches
+~1.6 TB/s (2.5-2.7x) and the issue asks for 3x. Decode at 1-4 tokens is a stream of weight bytes
+with a few multiply-adds per byte, so this kernel skips the tensor cores:
+
+* weights are read as int32 words, eight codes each (the packing of qllm_core/quant/packing.py puts
+  element 2j in the low nibble of byte j, so on a little-endian GPU nibble i of a word is element i of
+  its eight), in (BLOCK_N rows x BLOCK_KW words) tiles: wide contiguous loads, no byte shuffles;
+* a nibble becomes its signed value as ``((w >> 4i) & 15) ^ 8) - 8`` and is multiplied with the
+  activations in fp32 on the CUDA cores, the tokens (``BLOCK_M`` <= 4) sharing each weight tile;
+* one program per ``BLOCK_N`` output channels walks all of K: no split-K, so one launch, no output
+  zeroing and a fixed summation order.
+
+W4A4: the activation codes are int4 too (packed the same way, signed or 0..15 with a zero point);
+every product and partial sum is an integer below 2**24, exact in fp32, and the epilogue is the
+tensor-core kernel's (``(acc - zero_a * sum_k w) * scale_a * scale_w``), so the result equals
+:func:`kernels.w4_matmul.w4a4_matmul_ref` bit for bit. W4A16: fp16/bf16 activations, fp32 sums in
+this kernel's order (a stated tolerance against the reference).
+
+Speed is not measured yet (no device time was left in the session that wrote it): ``eval.speedup``'s
+``gemv`` phase times it as the ``w4a4_core`` / ``w4a16_core`` variants next to the tensor-core GEMV.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .w4_matmul import A_FLOAT, A_INT4, A_UINT4, w4a4_operands, w4a16_operands
+
+CORE_MAX_M = 4  # tokens up to which the CUDA-core GEMV applies (each token multiplies every weight again)
+
+
+@triton.jit
+def _nibbles(words, SIGNED: tl.constexpr):
+    """int32 words (R, KW) -> their eight 4-bit codes each as float32 (R, KW * 8), in element order."""
+    shifts = tl.arange(0, 8) * 4
+    u = (words[:, :, None] >> shifts[None, None, :]) & 15
+    if SIGNED:
+        u = (u ^ 8) - 8
+    return tl.reshape(u.to(tl.float32), (words.shape[0], words.shape[1] * 8))
+
+
+@triton.jit
+def _w4_gemv_kernel(
+    a_ptr, a_scale_ptr, a_zero_ptr, w_ptr, w_scale_ptr, w_sum_ptr, c_ptr,
+    M, N, KW, stride_am, stride_wn, stride_cm,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr, A_MODE: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rm = tl.arange(0, BLOCK_M)
+    rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = rm < M
+    n_ok = rn < N
+    kw = tl.arange(0, BLOCK_KW)
+    w_ptrs = w_ptr + rn[:, None].to(tl.int64) * stride_wn + kw[None, :]  # (BLOCK_N, BLOCK_KW) words
+    if A_MODE == A_FLOAT:
+        ke = tl.arange(0, BLOCK_KW * 8)  # activation elements per step
+        a_ptrs = a_ptr + rm[:, None].to(tl.int64) * stride_am + ke[None, :]
+    else:
+        a_ptrs = a_ptr + rm[:, None].to(tl.int64) * stride_am + kw[None, :]  # packed codes, also as words
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, tl.cdiv(KW, BLOCK_KW)):
+        k_ok = k0 * BLOCK_KW + kw < KW
+        w = _nibbles(tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0), True)
+        if A_MODE == A_FLOAT:
+            a = tl.load(a_ptrs, mask=m_ok[:, None] & (k0 * BLOCK_KW * 8 + ke < KW * 8)[None, :], other=0.0)
+            a = a.to(tl.float32)
+            a_ptrs += BLOCK_KW * 8
+        else:
+            a = _nibbles(tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0), A_MODE == A_INT4)
+            a_ptrs += BLOCK_KW
+        acc += tl.sum(a[:, None, :] * w[None, :, :], axis=2)
+        w_ptrs += BLOCK_KW
+    if A_MODE != A_FLOAT:
+        if A_MODE == A_UINT4:  # masked-out words read as code 0 for unsigned activations: no padding term
+            zero = tl.load(a_zero_ptr + rm, mask=m_ok, other=0.0)
+            w_sum = tl.load(w_sum_ptr + rn, mask=n_ok, other=0.0)
+            acc = acc - zero[:, None] * w_sum[None, :]
+        acc = acc * tl.load(a_scale_ptr + rm, mask=m_ok, other=0.0)[:, None]
+    acc = acc * tl.load(w_scale_ptr + rn, mask=n_ok, other=0.0)[None, :]
+    c_ptrs = c_ptr + rm[:, None].to(tl.int64) * stride_cm + rn[None, :]
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+# (BLOCK_N, BLOCK_KW, num_warps, num_stages): a few rows per program so that N = 4096 already gives
+# 256-2048 programs (several per SM) with 1-4 KB of weights in flight each; chosen on the GPU by autotuning.
+CONFIGS = [(4, 64, 4, 3), (8, 64, 4, 3), (4, 128, 4, 3), (2, 128, 4, 4), (8, 32, 2, 4), (16, 32, 4, 3)]
+_TUNED = triton.autotune(
+    configs=[triton.Config({"BLOCK_N": bn, "BLOCK_KW": bkw}, num_warps=w, num_stages=s) for bn, bkw, w, s in CONFIGS],
+    key=["N", "KW", "BLOCK_M", "A_MODE"])(_w4_gemv_kernel)
+
+
+def _words(packed: torch.Tensor, what: str) -> torch.Tensor:
+    """A contiguous (rows, K/2) uint8 tensor of packed codes viewed as (rows, K/8) int32 words."""
+    if packed.shape[-1] % 4:
+        raise ValueError(f"{what}: K = {packed.shape[-1] * 2} is not a multiple of 8 (whole 32-bit words of codes)")
+    return packed.contiguous().view(torch.int32)
+
+
+def _launch(a2, a_scale, a_zero, w_packed, w_scale, w_sum, a_mode, out_dtype, config):
+    m, n = a2.shape[0], w_packed.shape[0]
+    if m > CORE_MAX_M:
+        raise ValueError(f"the CUDA-core GEMV takes at most {CORE_MAX_M} tokens, got {m}; use kernels.w4_matmul")
+    w_words = _words(w_packed, "weights")
+    out = torch.empty((m, n), dtype=out_dtype, device=a2.device)
+    if m == 0:
+        return out
+    a = a2 if a_mode == A_FLOAT.value else _words(a2, "activations")
+    args = (a, a_scale if a_scale is not None else w_scale, a_zero if a_zero is not None else w_scale,
+            w_words, w_scale, w_sum if w_sum is not None else w_scale, out,
+            m, n, w_words.shape[1], a.stride(0), w_words.stride(0), out.stride(0))
+    block_m = triton.next_power_of_2(m)
+    if config is None and a2.device.type != "cuda":  # Triton interpreter: no timing, the first config
+        config = CONFIGS[0]
+    if config is None:
+        _TUNED[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](*args, BLOCK_M=block_m, A_MODE=a_mode)
+    else:
+        bn, bkw, warps, stages = config
+        _w4_gemv_kernel[(triton.cdiv(n, bn),)](*args, BLOCK_M=block_m, BLOCK_N=bn, BLOCK_KW=bkw, A_MODE=a_mode,
+                                                num_warps=warps, num_stages=stages)
+    return out
+
+
+def w4a4_gemv(a_packed: torch.Tensor, a_scale: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor,
+              a_zero: torch.Tensor | None = None, w_sum: torch.Tensor | None = None,
+              out_dtype: torch.dtype = torch.bfloat16, config: tuple | None = None) -> torch.Tensor:
+    """:func:`kernels.w4_matmul.w4a4_matmul`'s product for at most ``CORE_MAX_M`` tokens, on the CUDA cores.
+
+    Same arguments and result (bit for bit); K must be a multiple of 8. ``config``: an explicit
+    (BLOCK_N, BLOCK_KW, num_warps, num_stages), else autotuned.
+    """
+    ops = w4a4_operands(a_packed, a_scale, w_packed, w_scale, a_zero, w_sum)
+    out = _launch(ops.a, ops.a_scale, ops.a_zero, w_packed, w_scale, ops.w_sum, ops.a_mode, out_dtype, config)
+    return out.reshape(*ops.lead, ops.n)
+
+
+def w4a16_gemv(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor,
+               out_dtype: torch.dtype | None = None, config: tuple | None = None) -> torch.Tensor:
+    """Weight-only int4 for at most ``CORE_MAX_M`` tokens: ``x · dequant(W)ᵀ``, fp32 sums on the CUDA cores."""
+    x2, _, n = w4a16_operands(x, w_packed, w_scale, "w4a16_gemv")
+    out = _launch(x2, None, None, w_packed, w_scale, None, A_FLOAT.value, out_dtype or x.dtype, config)
+    return out.reshape(*x.shape[:-1], n)
