@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .w4_matmul import A_FLOAT, A_INT4, A_UINT4, w4a4_operands, w4a16_operands
+from .w4_matmul import A_FLOAT, A_INT4, store_epilogue, w4a4_operands, w4a16_operands
 
 CORE_MAX_M = 4  # tokens up to which the CUDA-core GEMV applies (each token multiplies every weight again)
 
@@ -75,15 +75,8 @@ def _w4_gemv_kernel(
             a_ptrs += BLOCK_KW
         acc += tl.sum(a[:, None, :] * w[None, :, :], axis=2)
         w_ptrs += BLOCK_KW
-    if A_MODE != A_FLOAT:
-        if A_MODE == A_UINT4:  # masked-out words read as code 0 for unsigned activations: no padding term
-            zero = tl.load(a_zero_ptr + rm, mask=m_ok, other=0.0)
-            w_sum = tl.load(w_sum_ptr + rn, mask=n_ok, other=0.0)
-            acc = acc - zero[:, None] * w_sum[None, :]
-        acc = acc * tl.load(a_scale_ptr + rm, mask=m_ok, other=0.0)[:, None]
-    acc = acc * tl.load(w_scale_ptr + rn, mask=n_ok, other=0.0)[None, :]
-    c_ptrs = c_ptr + rm[:, None].to(tl.int64) * stride_cm + rn[None, :]
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+    # masked-out words read as code 0 (unsigned activations too): the zero-point term needs no padding correction
+    store_epilogue(acc, rm, rn, m_ok, n_ok, a_scale_ptr, a_zero_ptr, w_scale_ptr, w_sum_ptr, c_ptr, stride_cm, A_MODE)
 
 
 # (BLOCK_N, BLOCK_KW, num_warps, num_stages): a few rows per program so that N = 4096 already gives

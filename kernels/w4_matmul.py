@@ -120,16 +120,24 @@ def _w4_matmul_kernel(
         wb = wb_next
         av = av_next
 
-    out = acc.to(tl.float32)
+    store_epilogue(acc.to(tl.float32), rm, rn, m_ok, n_ok, a_scale_ptr, a_zero_ptr, w_scale_ptr, w_sum_ptr, c_ptr,
+                   stride_cm, A_MODE)
+
+
+@triton.jit
+def store_epilogue(acc, rm, rn, m_ok, n_ok, a_scale_ptr, a_zero_ptr, w_scale_ptr, w_sum_ptr, c_ptr, stride_cm,
+                   A_MODE: tl.constexpr):
+    """``c = (acc - zero_a * sum_k w) * scale_a * scale_w`` in fp32, in this order (the references' order: the
+    bit-exactness tests depend on it), stored in the output's dtype. Shared by the GEMM and the CUDA-core GEMV."""
     if A_MODE != A_FLOAT:
         if A_MODE == A_UINT4:
             zero = tl.load(a_zero_ptr + rm, mask=m_ok, other=0.0)
             w_sum = tl.load(w_sum_ptr + rn, mask=n_ok, other=0.0)
-            out = out - zero[:, None] * w_sum[None, :]
-        out = out * tl.load(a_scale_ptr + rm, mask=m_ok, other=0.0)[:, None]
-    out = out * tl.load(w_scale_ptr + rn, mask=n_ok, other=0.0)[None, :]
+            acc = acc - zero[:, None] * w_sum[None, :]
+        acc = acc * tl.load(a_scale_ptr + rm, mask=m_ok, other=0.0)[:, None]
+    acc = acc * tl.load(w_scale_ptr + rn, mask=n_ok, other=0.0)[None, :]
     c_ptrs = c_ptr + rm[:, None].to(tl.int64) * stride_cm + rn[None, :]
-    tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages) per regime; the H100 sweep that
