@@ -63,7 +63,6 @@ at most ~10 minutes; see the README.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
 import sys
 import time
@@ -276,7 +275,7 @@ def measure(shape: str, method: str, layers: int | None = None, nsamples: int = 
     engine = BlockwiseEngine(model, ModelAdapter(model), device, None, batch_size)
     if on_gpu:
         torch.cuda.synchronize(device)
-    with (PeakMemory(device) if on_gpu else contextlib.nullcontext()) as peak:
+    with PeakMemory(device) as peak:
         start = time.perf_counter()
         engine.run(tally, ids if qmethod.needs_calibration else None)
         if on_gpu:

@@ -50,6 +50,7 @@ class UtilizationSampler:
 
 class PeakMemory:
     """Peak allocated GPU memory (bytes) between :meth:`start` and :meth:`stop`; also a context manager.
+    On a device that is not a GPU it measures nothing (``peak`` stays 0).
 
     torch keeps one peak counter per device, and a measurement resets it: an inner measurement (the
     training loop's warm-up steps) would erase the peak an outer one (a whole calibration's
@@ -61,7 +62,9 @@ class PeakMemory:
 
     def __init__(self, device: torch.device | str):
         device = torch.device(device)
-        self.device = device if device.index is not None else torch.device("cuda", torch.cuda.current_device())
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        self.device = device
         self.base = self.peak = 0
 
     def _hand_over(self, peak: int) -> None:
@@ -70,6 +73,8 @@ class PeakMemory:
                 measurement.peak = max(measurement.peak, peak)
 
     def start(self) -> "PeakMemory":
+        if self.device.type != "cuda":
+            return self
         self._hand_over(torch.cuda.max_memory_allocated(self.device))
         torch.cuda.reset_peak_memory_stats(self.device)
         self.base = self.peak = torch.cuda.memory_allocated(self.device)  # base: allocated at the start

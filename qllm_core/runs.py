@@ -11,7 +11,6 @@ evaluate without recalibrating. The per-layer files double as the engine's resum
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -77,7 +76,7 @@ def quantize_to_run(
     on_gpu = torch.device(device).type == "cuda"
     engine = BlockwiseEngine(loaded.model, loaded.adapter, device, run_dir / "layers", calib.batch_size)
     start = time.time()
-    with UtilizationSampler(device) as busy, (PeakMemory(device) if on_gpu else contextlib.nullcontext()) as peak:
+    with UtilizationSampler(device) as busy, PeakMemory(device) as peak:
         engine.run(qmethod, calib_ids)
     stats = {"calib_seconds": round(time.time() - start, 2), "device": str(device), "concurrent_jobs": concurrent_jobs,
              "layers_per_group": qmethod.layers_per_group,

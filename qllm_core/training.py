@@ -277,7 +277,6 @@ def _capture(step: _Step, static_x: torch.Tensor, static_t: torch.Tensor) -> tor
     except RuntimeError as err:
         if "stream is capturing" not in describe_error(err):
             raise
-    step.optimizer.zero_grad(set_to_none=True)
     previous = torch.backends.cuda.preferred_linalg_library()
     torch.backends.cuda.preferred_linalg_library("cusolver")
     try:

@@ -430,6 +430,9 @@ def test_peak_memory_measurements_nest(monkeypatch):
     """torch has one peak counter per device: an inner measurement's reset must not lose the outer peak."""
     from qllm_core.gpu_monitor import PeakMemory
 
+    with PeakMemory("cpu") as on_cpu:  # not a GPU: nothing to measure, no CUDA call
+        pass
+    assert on_cpu.peak == 0
     state = {"now": 0, "peak": 0}
 
     def allocate(n):
