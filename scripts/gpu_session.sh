@@ -86,7 +86,7 @@ for spec in "$@"; do  # GPUS:NAME[+NAME...]: the names run one after the other o
 done
 end=$((SECONDS + DEADLINE))
 while [ $SECONDS -lt $end ] && [ -n "$(jobs -rp)" ]; do sleep 5; done
-stop="eval[./](prequantize|speedup|calibration_cost|profile_calibration)|multiprocessing\.spawn|pytest"
+stop="eval[./](prequantize|speedup|calibration_cost|profile_calibration)|bench_cayley_lu|multiprocessing\.spawn|pytest"
 pkill -TERM -f "$stop" 2>/dev/null; sleep 3; pkill -KILL -f "$stop" 2>/dev/null
 [ -d /root/runs ] && (cd /root && find runs -name '*.json' -size -1M | tar -czf "$R/runs-meta.tgz" -T -)
 tar -C /root -czf "$OUT/results.tgz" results
