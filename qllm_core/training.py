@@ -280,9 +280,20 @@ def _capture(step: _Step, static_x: torch.Tensor, static_t: torch.Tensor) -> tor
     previous = torch.backends.cuda.preferred_linalg_library()
     torch.backends.cuda.preferred_linalg_library("cusolver")
     try:
+        _create_solver_handle(static_x.device)
         return _record(step, static_x, static_t)
     finally:
         torch.backends.cuda.preferred_linalg_library(previous)
+
+
+def _create_solver_handle(device: torch.device) -> None:
+    """Run cuSOLVER's LU and triangular solves once, eagerly, on ``device``, so that torch creates its
+    cuSOLVER handle now: it creates it lazily at the first cuSOLVER call, and ``cusolverDnCreate`` inside a
+    capture fails (``CUSOLVER_STATUS_INTERNAL_ERROR``; LLaMA-70B-shaped FlatQuant on an H200, whose eager
+    warm-up steps had used MAGMA's LU, never cuSOLVER's). Unbatched and batched, as the step solves both."""
+    eye = torch.eye(2, device=device)
+    for a in (eye, eye.expand(2, 2, 2)):
+        torch.linalg.solve_ex(a, a, check_errors=False)
 
 
 def _record(step: _Step, static_x: torch.Tensor, static_t: torch.Tensor) -> torch.cuda.CUDAGraph:
@@ -306,19 +317,22 @@ def _abandon_pool(cuda_graph: torch.cuda.CUDAGraph, device: torch.device) -> Non
     later allocation of the step's stream lands in a pool that cannot shrink, and the allocator, which
     thinks a capture is under way, no longer frees cached blocks on an out-of-memory. (Seen on the H200:
     after layer 0's failed capture, layer 1's eager step ran out of memory with 29.9 GiB in private pools
-    and 61.7 GiB reserved but unallocated.) So the routing is ended here and the pool released; on a
-    torch whose capture already ended the routing, ending it again raises, and nothing is done.
+    and 61.7 GiB reserved but unallocated.) So the routing is ended here and the pool released, each step
+    on its own: on a torch whose capture already ended the routing, ending it again raises, and the pool
+    is still to be released (the stop-18 version returned there; the GPU test still found both failed
+    captures' pools reserved). Releasing a pool torch already released raises too, and is skipped.
     """
     end = getattr(torch._C, "_cuda_endAllocateToPool", None)
     release = getattr(torch._C, "_cuda_releasePool", None)
     if end is None or release is None:
         return
     index = device.index if device.index is not None else torch.cuda.current_device()
-    try:
-        end(index, cuda_graph.pool())
-    except RuntimeError:  # not recording to this pool: torch's own cleanup ran
-        return
-    release(index, cuda_graph.pool())
+    pool = cuda_graph.pool()
+    for undo in (end, release):  # each on its own: a torch that already ended the routing still holds the pool
+        try:
+            undo(index, pool)
+        except RuntimeError:  # done by torch already
+            pass
 
 
 def describe_error(err: BaseException, limit: int = 600) -> str:
