@@ -287,28 +287,32 @@ def _capture(step: _Step, static_x: torch.Tensor, static_t: torch.Tensor) -> tor
 
 
 def _create_solver_handle(device: torch.device) -> None:
-    """Run cuSOLVER's LU and triangular solves once, eagerly, on ``device``, so that torch creates its
-    cuSOLVER handle now: it creates it lazily at the first cuSOLVER call, and ``cusolverDnCreate`` inside a
-    capture fails (``CUSOLVER_STATUS_INTERNAL_ERROR``; LLaMA-70B-shaped FlatQuant on an H200, whose eager
-    warm-up steps had used MAGMA's LU, never cuSOLVER's). Unbatched and batched, as the step solves both."""
+    """Run cuSOLVER's LU and triangular solves once, eagerly, on ``device``, forward and backward, so that
+    torch creates its cuSOLVER handles now: it creates one lazily per thread at the thread's first cuSOLVER
+    call, and ``cusolverDnCreate`` inside a capture fails (``CUSOLVER_STATUS_INTERNAL_ERROR``; LLaMA-70B-shaped
+    FlatQuant on an H200, whose eager warm-up steps had used MAGMA's LU). The backward solves run on
+    autograd's device thread, which needs its own handle (a forward-only warm-up still failed there, stop
+    19). Unbatched and batched, as the step solves both."""
     eye = torch.eye(2, device=device)
     for a in (eye, eye.expand(2, 2, 2)):
-        torch.linalg.solve_ex(a, a, check_errors=False)
+        a = a.clone().requires_grad_()
+        torch.linalg.solve_ex(a, a.detach(), check_errors=False)[0].sum().backward()
 
 
 def _record(step: _Step, static_x: torch.Tensor, static_t: torch.Tensor) -> torch.cuda.CUDAGraph:
     step.optimizer.zero_grad(set_to_none=True)
     cuda_graph = torch.cuda.CUDAGraph()
+    pool = torch.cuda.graph_pool_handle()  # its id is needed after a failed capture, when CUDAGraph.pool() raises
     try:
-        with torch.cuda.graph(cuda_graph):  # which frees the cached blocks first: the private pool cannot use them
+        with torch.cuda.graph(cuda_graph, pool=pool):  # which frees the cached blocks first: the pool cannot use them
             step(static_x, static_t)
     except RuntimeError:
-        _abandon_pool(cuda_graph, static_x.device)
+        _abandon_pool(pool, static_x.device)
         raise
     return cuda_graph
 
 
-def _abandon_pool(cuda_graph: torch.cuda.CUDAGraph, device: torch.device) -> None:
+def _abandon_pool(pool: tuple[int, int], device: torch.device) -> None:
     """Give back the memory pool of a capture that failed at its end.
 
     When ending the capture fails (``cudaStreamEndCapture`` reports the capture invalidated), torch 2.11
@@ -320,14 +324,15 @@ def _abandon_pool(cuda_graph: torch.cuda.CUDAGraph, device: torch.device) -> Non
     and 61.7 GiB reserved but unallocated.) So the routing is ended here and the pool released, each step
     on its own: on a torch whose capture already ended the routing, ending it again raises, and the pool
     is still to be released (the stop-18 version returned there; the GPU test still found both failed
-    captures' pools reserved). Releasing a pool torch already released raises too, and is skipped.
+    captures' pools reserved). Releasing a pool torch already released raises too, and is skipped. The pool's
+    id is the one the capture was given: after a failed capture ``CUDAGraph.pool()`` raises ("without a
+    preceding successful capture"), which is how the stop-18 version gave back nothing (H200, stop 19).
     """
     end = getattr(torch._C, "_cuda_endAllocateToPool", None)
     release = getattr(torch._C, "_cuda_releasePool", None)
     if end is None or release is None:
         return
     index = device.index if device.index is not None else torch.cuda.current_device()
-    pool = cuda_graph.pool()
     for undo in (end, release):  # each on its own: a torch that already ended the routing still holds the pool
         try:
             undo(index, pool)
