@@ -268,9 +268,9 @@ def _capture(step: _Step, static_x: torch.Tensor, static_t: torch.Tensor) -> tor
     With torch's own choice of LU first; if that syncs the host (MAGMA's batched LU for large
     factors: "operation not permitted when stream is capturing", LLaMA-70B-sized FlatQuant factors on
     the H200), again with cuSOLVER's LU, which runs on the stream (same factorisation, partial
-    pivoting). Not cuSOLVER always: for the small batched factors of the embedded model the FlatQuant
-    step with it took 7.0 s per layer on an H200 where torch's choice had taken 4.2 s (suspected cause,
-    not yet measured apart).
+    pivoting). Not cuSOLVER always: for the small batched factors of the embedded model, FlatQuant
+    W4A4KV4 alone on an H200 took 7.0 s per layer with cuSOLVER forced (stop 18) and 4.5 s with torch's
+    choice (stop 19; the host was shared differently, so not a clean A/B).
     """
     try:
         return _record(step, static_x, static_t)
@@ -322,11 +322,9 @@ def _abandon_pool(pool: tuple[int, int], device: torch.device) -> None:
     thinks a capture is under way, no longer frees cached blocks on an out-of-memory. (Seen on the H200:
     after layer 0's failed capture, layer 1's eager step ran out of memory with 29.9 GiB in private pools
     and 61.7 GiB reserved but unallocated.) So the routing is ended here and the pool released, each step
-    on its own: on a torch whose capture already ended the routing, ending it again raises, and the pool
-    is still to be released (the stop-18 version returned there; the GPU test still found both failed
-    captures' pools reserved). Releasing a pool torch already released raises too, and is skipped. The pool's
-    id is the one the capture was given: after a failed capture ``CUDAGraph.pool()`` raises ("without a
-    preceding successful capture"), which is how the stop-18 version gave back nothing (H200, stop 19).
+    on its own, a step torch already took (it raises then) skipped. ``pool`` is the id the capture was
+    given: after a failed capture ``CUDAGraph.pool()`` raises ("without a preceding successful capture"),
+    which is why the stop-18 version, which asked the graph, gave back nothing (H200, stop 19).
     """
     end = getattr(torch._C, "_cuda_endAllocateToPool", None)
     release = getattr(torch._C, "_cuda_releasePool", None)

@@ -480,6 +480,7 @@ def test_failed_capture_pool_is_given_back_once(monkeypatch, routing_left_on):
 
     training._abandon_pool((0, 7), torch.device("cuda", 1))
     assert calls == [("end", 1, (0, 7)), ("release", 1, (0, 7))]
-    monkeypatch.setattr(torch._C, "_cuda_releasePool", lambda index, pool: (_ for _ in ()).throw(
-        RuntimeError("releasePool: pool not found")), raising=False)
+    def released_already(index, pool):
+        raise RuntimeError("releasePool: pool not found")
+    monkeypatch.setattr(torch._C, "_cuda_releasePool", released_already, raising=False)
     training._abandon_pool((0, 7), torch.device("cuda", 1))  # a pool torch released already: no error
