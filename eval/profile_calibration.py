@@ -37,13 +37,15 @@ from qllm_core.methods import QuantConfig, make_method
 from qllm_core.shapes import shaped_llama
 
 ASYM_W4A4 = QuantConfig(w_bits=4, a_bits=4, w_asym=True, a_asym=True)
-# case: (method, bits, options, decoder layers in the model, steps per epoch per layer group, paper epochs)
+# case: (method, bits, options, decoder layers in the model, windows per training step, paper epochs)
 CASES = {
-    "flatquant": ("flatquant", QuantConfig(w_bits=4, a_bits=4, kv_bits=4), {}, 1, 32, 15),
-    "omniquant": ("omniquant", QuantConfig(w_bits=4, a_bits=4, kv_bits=4, w_asym=True, a_asym=True), {}, 1, 128, 20),
-    "qllm": ("qllm", ASYM_W4A4, {}, 4, 128, 10),  # one 4-layer error-correction group
+    "flatquant": ("flatquant", QuantConfig(w_bits=4, a_bits=4, kv_bits=4), {}, 1, 4, 15),
+    "omniquant": ("omniquant", QuantConfig(w_bits=4, a_bits=4, kv_bits=4, w_asym=True, a_asym=True), {}, 1, 1, 20),
+    "qllm": ("qllm", ASYM_W4A4, {}, 4, 1, 10),  # one 4-layer error-correction group
+    "qllm-ec": ("qllm", ASYM_W4A4, {"reassembly": False}, 4, 1, 10),  # its error correction alone (no search)
     "qllm-search": ("qllm", ASYM_W4A4, {"error_correction": False}, 1, 0, 0),
 }
+TOP_KERNELS = 12  # kernels listed per profiled case, by device time per step
 TRAINER = {"eager": {"graph": False, "compile_quantizers": False},
            "graph": {"graph": True, "compile_quantizers": False},
            "graph+compile": {"graph": True, "compile_quantizers": True}}
@@ -74,7 +76,10 @@ def run_case(case: str, epochs: int, mode: str, shape: str, nsamples: int, seqle
         engine.run(method, ids)
         torch.cuda.synchronize()
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    return {"device_s": sum(e.time_range.elapsed_us() for e in kernels) / 1e6, "kernels": len(kernels)}
+    by_name = Counter()
+    for e in kernels:
+        by_name[e.name] += e.time_range.elapsed_us() / 1e6
+    return {"device_s": sum(by_name.values()), "kernels": len(kernels), "by_kernel": by_name}
 
 
 # Operators that launch no kernel (views, metadata) are not counted.
@@ -123,7 +128,7 @@ def count_step_ops(case: str, shape: str, nsamples: int = 4, seqlen: int = 64) -
 
 
 def measure(case: str, mode: str, args) -> dict:
-    *_, layers, steps_per_epoch, paper_epochs = CASES[case]
+    *_, layers, windows_per_step, paper_epochs = CASES[case]
     epochs = (0,) if case == "qllm-search" else (1, 2)
     common = (args.shape, args.nsamples, args.seqlen)
     if "compile" in mode:  # compile every quantizer variant of the case before timing
@@ -137,6 +142,7 @@ def measure(case: str, mode: str, args) -> dict:
         profiles = [run_case(case, e, mode, *common, True) for e in epochs] if args.profile else None
     except RuntimeError as err:  # the profiler and CUDA graph capture do not always get along
         profiles, row["profile_error"] = None, repr(err)[:300]
+    steps_per_epoch = args.nsamples // windows_per_step
     epoch_s = walls[1] - walls[0]
     fixed_s = walls[0] - epoch_s
     row.update(steps_per_epoch=steps_per_epoch, ms_per_step_wall=round(1e3 * epoch_s / steps_per_epoch, 3),
@@ -146,8 +152,16 @@ def measure(case: str, mode: str, args) -> dict:
         device_epoch = profiles[1]["device_s"] - profiles[0]["device_s"]
         row.update(ms_per_step_device=round(1e3 * device_epoch / steps_per_epoch, 3),
                    kernels_per_step=round((profiles[1]["kernels"] - profiles[0]["kernels"]) / steps_per_epoch),
-                   device_share=round(device_epoch / epoch_s, 3))
+                   device_share=round(device_epoch / epoch_s, 3), top_kernels_ms_per_step=top_kernels(*profiles, steps_per_epoch))
     return row
+
+
+def top_kernels(one_epoch: dict, two_epochs: dict, steps: int) -> dict:
+    """Device milliseconds per training step of the ``TOP_KERNELS`` costliest kernels (by name): the
+    difference between the 2-epoch and the 1-epoch profile, over one epoch's steps."""
+    per_step = Counter({name: 1e3 * (t - one_epoch["by_kernel"][name]) / steps
+                        for name, t in two_epochs["by_kernel"].items()})
+    return {name[:120]: round(ms, 3) for name, ms in per_step.most_common(TOP_KERNELS)}
 
 
 def main() -> None:
@@ -174,7 +188,7 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = []
-    run_case("flatquant", 1, "eager", args.shape, 8, args.seqlen, False)  # warm-up: CUDA context, cuBLAS
+    run_case(args.cases[0], 1, "eager", args.shape, 8, args.seqlen, False)  # warm-up: CUDA context, cuBLAS
     for case in args.cases:
         for mode in args.modes:
             try:

@@ -36,8 +36,9 @@ job() {  # the command of one job name
       paper_runs fp --only-runs fp-W16A16-s --zeroshot --zeroshot-batch-size 64 ;;
     alone)  # trained runs of the paper grid, one run on the GPU at a time (issue 9)
       paper_runs alone --only-runs "${ALONE_RUNS:-flatquant-W4A4KV4-s qllm-W4A4-a}" --jobs-per-gpu 1 ;;
-    profile)  # issue 9: wall vs device time per training step (CUDA graphs, the methods' autocast)
-      echo "python eval/profile_calibration.py --label new --modes graph graph+compile --cases flatquant qllm omniquant \
+    profile)  # issues 9/11: wall vs device time per training step (CUDA graphs, the methods' autocast); PROFILE_ARGS
+              # picks cases / modes / shape (e.g. "--cases qllm-ec --modes graph --shape llama2-70b --nsamples 16")
+      echo "python eval/profile_calibration.py --label new ${PROFILE_ARGS:---modes graph graph+compile --cases flatquant qllm omniquant} \
             --out $R/profile/calib_profile_graph.json" ;;
     cayley)  # issue 9: the Cayley solves of a FlatQuant step under torch's LU, cuSOLVER and MAGMA (seconds)
       echo "python scripts/bench_cayley_lu.py $R/cayley/cayley_lu.json" ;;
@@ -60,9 +61,9 @@ job() {  # the command of one job name
               # ~60 s per layer's search + ~80 s per group-epoch on an H200: longer than one call)
       echo "python -m eval.calibration_cost --profile paper --device cuda --methods qllm --shapes llama2-70b \
             --layers 4 --table $R/cost/calibration_cost_70q.csv" ;;
-    costref)  # issue 11: GPTQ / QuaRot for reference
+    costref)  # issue 11: GPTQ / QuaRot for reference (COSTREF_SHAPES: a subset)
       echo "python -m eval.calibration_cost --profile paper --device cuda --methods gptq quarot \
-            --shapes llama2-7b llama3-8b llama2-70b --table $R/cost/calibration_cost_ref.csv" ;;
+            --shapes ${COSTREF_SHAPES:-llama2-7b llama3-8b llama2-70b} --table $R/cost/calibration_cost_ref.csv" ;;
     tests)  # the GPU tests of the suite (pytest travels as wheels in .whl)
       echo "python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && PYTHONPATH=/tmp/site:\$PYTHONPATH \
             python -m pytest -q -rs ${PYTEST_ARGS:-tests/kernels tests/test_training.py tests/test_flatquant.py}" ;;
