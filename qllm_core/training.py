@@ -198,7 +198,7 @@ def train_block(job: BlockTraining, device: torch.device, graph: bool | None = N
     step = _Step(job, device)
     lrs = lr_table([g["lr"] for g in job.param_groups], job.scheduler, total)
     # CUDA: every step runs on a side stream, as graph capture wants its warm-up steps to.
-    stream = torch.cuda.Stream(device) if cuda else None
+    stream = _side_stream(device) if cuda else None
     if stream is not None:
         stream.wait_stream(torch.cuda.current_stream(device))
     static_x = static_t = cuda_graph = None
@@ -237,6 +237,18 @@ def train_block(job: BlockTraining, device: torch.device, graph: bool | None = N
     return stats
 
 
+_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    """The device's stream for training steps, one for the process: cuBLAS keeps a workspace per stream
+    it has run on (for good), so a new stream per trained block would add one per block."""
+    key = torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
+    if key not in _SIDE_STREAMS:
+        _SIDE_STREAMS[key] = torch.cuda.Stream(key)
+    return _SIDE_STREAMS[key]
+
+
 def _try_capture(step: _Step, static_x: torch.Tensor, static_t: torch.Tensor,
                  step_bytes: int) -> tuple[torch.cuda.CUDAGraph | None, str | None]:
     """``(graph, None)``, or ``(None, why)`` when the step is not captured (the caller goes on eagerly).
@@ -265,38 +277,42 @@ def _capture(step: _Step, static_x: torch.Tensor, static_t: torch.Tensor) -> tor
 
     The gradients are set to None first, so the captured backward allocates them in the graph's
     memory and every replay writes them afresh (torch.cuda.graphs' whole-network recipe).
-    With torch's own choice of LU first; if that syncs the host (MAGMA's batched LU for large
+    With torch's own choice of LU first; if that fails on a host sync (MAGMA's batched LU for large
     factors: "operation not permitted when stream is capturing", LLaMA-70B-sized FlatQuant factors on
-    the H200), again with cuSOLVER's LU, which runs on the stream (same factorisation, partial
-    pivoting). Not cuSOLVER always: for the small batched factors of the embedded model, FlatQuant
-    W4A4KV4 alone on an H200 took 7.0 s per layer with cuSOLVER forced (stop 18) and 4.5 s with torch's
-    choice (stop 19; the host was shared differently, so not a clean A/B).
+    the H200) or in cuSOLVER, again with cuSOLVER's LU, which runs on the stream (same factorisation,
+    partial pivoting), after :func:`_create_solver_handles`. Not cuSOLVER always: for the small batched
+    factors of the embedded model, FlatQuant W4A4KV4 alone on an H200 took 7.0 s per layer with cuSOLVER
+    forced (stop 18) and 4.5 s with torch's choice (stop 19; the host was shared differently, so not a
+    clean A/B).
     """
     try:
         return _record(step, static_x, static_t)
     except RuntimeError as err:
-        if "stream is capturing" not in describe_error(err):
+        why = describe_error(err)
+        if "stream is capturing" not in why and "cusolver" not in why.lower():
             raise
     previous = torch.backends.cuda.preferred_linalg_library()
     torch.backends.cuda.preferred_linalg_library("cusolver")
     try:
-        _create_solver_handle(static_x.device)
+        _create_solver_handles(step, static_x, static_t)
         return _record(step, static_x, static_t)
     finally:
         torch.backends.cuda.preferred_linalg_library(previous)
 
 
-def _create_solver_handle(device: torch.device) -> None:
-    """Run cuSOLVER's LU and triangular solves once, eagerly, on ``device``, forward and backward, so that
-    torch creates its cuSOLVER handles now: it creates one lazily per thread at the thread's first cuSOLVER
-    call, and ``cusolverDnCreate`` inside a capture fails (``CUSOLVER_STATUS_INTERNAL_ERROR``; LLaMA-70B-shaped
-    FlatQuant on an H200, whose eager warm-up steps had used MAGMA's LU). The backward solves run on
-    autograd's device thread, which needs its own handle (a forward-only warm-up still failed there, stop
-    19). Unbatched and batched, as the step solves both."""
-    eye = torch.eye(2, device=device)
-    for a in (eye, eye.expand(2, 2, 2)):
-        a = a.clone().requires_grad_()
-        torch.linalg.solve_ex(a, a.detach(), check_errors=False)[0].sum().backward()
+def _create_solver_handles(step: _Step, static_x: torch.Tensor, static_t: torch.Tensor) -> None:
+    """Run the step's forward and backward once, eagerly, without an optimizer step, so that torch creates
+    the cuSOLVER handles the capture will use: it creates one lazily per thread at the thread's first
+    cuSOLVER call, and ``cusolverDnCreate`` inside a capture fails (``CUSOLVER_STATUS_INTERNAL_ERROR``;
+    LLaMA-70B-shaped FlatQuant on an H200, whose eager warm-up steps had used MAGMA's LU). The step's own
+    solves, not stand-ins: warming with a 2x2 solve and its backward still left the capture failing there
+    (stop 20). The gradients it leaves are dropped (the capture starts from None)."""
+    job = step.job
+    with torch.autocast(step.device.type, dtype=job.amp_dtype or torch.float32, enabled=step.autocast,
+                        cache_enabled=False), job.forward_context(), shared_inputs():
+        out = call_layer(job.module, static_x, job.kwargs)
+    F.mse_loss(out.float(), static_t.float()).backward()
+    step.optimizer.zero_grad(set_to_none=True)
 
 
 def _record(step: _Step, static_x: torch.Tensor, static_t: torch.Tensor) -> torch.cuda.CUDAGraph:
@@ -304,8 +320,11 @@ def _record(step: _Step, static_x: torch.Tensor, static_t: torch.Tensor) -> torc
     cuda_graph = torch.cuda.CUDAGraph()
     pool = torch.cuda.graph_pool_handle()  # its id is needed after a failed capture, when CUDAGraph.pool() raises
     try:
-        with torch.cuda.graph(cuda_graph, pool=pool):  # which frees the cached blocks first: the pool cannot use them
-            step(static_x, static_t)
+        # on the steps' own stream, whose cuBLAS workspace the eager warm-up steps made: captured on torch's
+        # capture stream instead, the process's first capture allocated that stream's workspace in its pool,
+        # where it stays for good (64 MiB on an H200)
+        with torch.cuda.graph(cuda_graph, pool=pool, stream=torch.cuda.current_stream(static_x.device)):
+            step(static_x, static_t)  # (torch.cuda.graph frees the cached blocks first: the pool cannot use them)
     except RuntimeError:
         _abandon_pool(pool, static_x.device)
         raise

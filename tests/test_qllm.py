@@ -10,7 +10,7 @@ from torch.nn import functional as F
 
 from qllm_core.engine import BlockwiseEngine, call_layer, capture_layer0_inputs
 from qllm_core.methods import QuantConfig, make_method
-from qllm_core.methods.qllm import SITES, attach_low_rank, fold_scale, fuse_low_rank
+from qllm_core.methods.qllm import SITES, LowRankDelta, attach_low_rank, fold_scale, fuse_low_rank
 from qllm_core.methods.base import quant_linears
 from qllm_core.quant import fake_quantize
 from qllm_core.reassembly import (
@@ -149,8 +149,45 @@ def test_fused_low_rank_equals_unfused_adapter(tiny_llama):
         for q in quant_linears(layer).values():
             fuse_low_rank(q, requantize=False)
         fused = call_layer(layer, stream.hidden, stream.kwargs)
-    assert not any("parametrizations" in k for k in layer.state_dict())
+    assert not any("lora" in k for k in layer.state_dict())
     torch.testing.assert_close(fused, unfused, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_low_rank_adapter_matches_the_merged_weight_under_autograd(autocast):
+    """LowRankDelta's linear (merged forward, factored backward) against the official form, autograd through
+    ``F.linear(x, W + B A / r)``: forward bit for bit (float32, and under bf16 autocast where both run the
+    same casts and GEMM); gradients of x, A and B to float32 round-off (1e-5 relative), or within bf16's
+    resolution under autocast (the factored route skips the bf16 rounding of the weight gradient)."""
+    torch.manual_seed(0)
+    weight = torch.randn(48, 40)
+    delta = LowRankDelta(48, 40, 4, torch.Generator().manual_seed(1), weight, weight.clone())
+    with torch.no_grad():
+        delta.lora_B.normal_(0, 0.1)
+    a, b = (p.detach().clone().requires_grad_() for p in (delta.lora_A, delta.lora_B))
+    x = torch.randn(2, 9, 40)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    target = torch.randn(2, 9, 48)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        ours = delta(x1, weight, None)
+        official = F.linear(x2, weight + (b @ a) * delta.scaling)
+    assert ours.dtype == official.dtype
+    torch.testing.assert_close(ours, official, rtol=0, atol=0)
+    for out in (ours, official):
+        F.mse_loss(out.float(), target).backward()
+    tol = dict(rtol=2e-2, atol=2e-4) if autocast else dict(rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=0, atol=0)  # both dy · W' with the same merged weight
+    torch.testing.assert_close(delta.lora_A.grad, a.grad, **tol)
+    torch.testing.assert_close(delta.lora_B.grad, b.grad, **tol)
+
+
+def test_low_rank_adapter_refuses_a_trainable_base():
+    """The factored backward gives the frozen weight no gradient: a weight that asks for one is an error."""
+    weight = torch.randn(8, 6, requires_grad=True)
+    delta = LowRankDelta(8, 6, 2, torch.Generator().manual_seed(0), weight.detach(), weight.detach())
+    out = delta(torch.randn(3, 6), weight, None)
+    with pytest.raises(RuntimeError, match="frozen weight"):
+        out.sum().backward()
 
 
 def test_fused_low_rank_requantizes_the_fp_weight_plus_update(tiny_llama):

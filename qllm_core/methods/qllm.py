@@ -45,7 +45,6 @@ import math
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.nn.utils import parametrize
 
 from ..adapters import ModelAdapter, get_path
 from ..calib_stats import capture_inputs, input_channel_absmax
@@ -84,7 +83,7 @@ class _Stop(Exception):
 
 
 class LowRankDelta(nn.Module):
-    """Parametrization ``W -> W + B A * scaling`` (LoRA on a frozen quantized weight).
+    """LoRA on a frozen quantized weight: the linear computes ``x · (W + B A · scaling)ᵀ + b``.
 
     ``fp_weight``: the unquantized weight the update is merged into at the end, kept on the host
     (one layer group's weights, not on the GPU during training).
@@ -104,29 +103,68 @@ class LowRankDelta(nn.Module):
     def update(self) -> torch.Tensor:
         return (self.lora_B @ self.lora_A) * self.scaling
 
-    def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight + self.update()
+    def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        with torch.autocast(device, enabled=False):
+            return _LowRankLinear.apply(x, weight, self.lora_A, self.lora_B, self.scaling, bias, dtype)
+
+
+class _LowRankLinear(torch.autograd.Function):
+    """``x · (W + s·B A)ᵀ + b`` for a frozen ``W`` and ``b``, computed in ``dtype`` (the autocast dtype).
+
+    Forward: the official adapter's (``quantize/int_linear_lora.py``), the operations autocast runs for
+    ``F.linear(x, W + B @ A * s)``: ``B @ A`` in ``dtype``, added to the weight in its precision, the sum
+    cast to ``dtype``, one GEMM. Backward: ``dx = dy · W'`` with the merged weight, and the adapters'
+    gradients through their rank-r factors, ``dB = s·dyᵀ (x Aᵀ)`` and ``dA = s·(dy B)ᵀ x`` (in float32 at least),
+    instead of autograd's route through the (out x in) weight gradient ``dyᵀ x`` reduced by A and B:
+    equal in exact arithmetic, with a third fewer GEMM FLOPs per step and no weight-sized gradient
+    tensors (LLaMA-2-70B: ~14 TFLOP and ~40 GB of float32 traffic per step of a 4-layer group, issue 11).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, lora_a, lora_b, scaling, bias, dtype):
+        update = lora_b.to(dtype) @ lora_a.to(dtype)  # in the autocast dtype, as autocast runs B @ A
+        merged = torch.add(weight, update, alpha=scaling).to(dtype)
+        ctx.x_dtype, x = x.dtype, x.to(dtype)
+        ctx.save_for_backward(x, merged, lora_a, lora_b)
+        ctx.scaling = scaling
+        return F.linear(x, merged, None if bias is None else bias.to(dtype))
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, merged, lora_a, lora_b = ctx.saved_tensors
+        needs_x, needs_w, needs_a, needs_b, _, needs_bias, _ = ctx.needs_input_grad
+        if needs_w or needs_bias:
+            raise RuntimeError("the low-rank adapter trains A and B on a frozen weight and bias")
+        grad_x = (grad_out @ merged).to(ctx.x_dtype) if needs_x else None
+        acc = torch.promote_types(lora_a.dtype, torch.float32)  # float32, or the model's float64 in tests
+        dy = grad_out.reshape(-1, grad_out.shape[-1]).to(acc)
+        xs = x.reshape(-1, x.shape[-1]).to(acc)
+        grad_b = (dy.t() @ (xs @ lora_a.to(acc).t())).mul_(ctx.scaling).to(lora_b.dtype) if needs_b else None
+        grad_a = ((dy @ lora_b.to(acc)).t() @ xs).mul_(ctx.scaling).to(lora_a.dtype) if needs_a else None
+        return grad_x, None, grad_a, grad_b, None, None, None
 
 
 def attach_low_rank(qlinear: QuantLinear, rank: int, generator: torch.Generator) -> LowRankDelta:
     """Freeze ``qlinear``'s quantized weight and train a rank-``rank`` update on top of it."""
     fp_weight = qlinear.transformed_weight().detach().to("cpu", copy=True)
     qlinear.freeze_weight()
-    delta = LowRankDelta(qlinear.out_features, qlinear.in_features, rank, generator, qlinear.weight, fp_weight)
-    parametrize.register_parametrization(qlinear, "weight", delta)
-    return delta
+    qlinear.low_rank = LowRankDelta(qlinear.out_features, qlinear.in_features, rank, generator, qlinear.weight,
+                                    fp_weight)
+    return qlinear.low_rank
 
 
 @torch.no_grad()
 def fuse_low_rank(qlinear: QuantLinear, requantize: bool = True) -> None:
     """Merge the adapter into the weight: ``Q_w(W + B A / r)`` (official), or with ``requantize=False``
     the trained forward's ``Q_w(W) + B A / r`` (off the 4-bit grid: for the fusion test and the probe)."""
-    delta = qlinear.parametrizations.weight[0]
-    parametrize.remove_parametrizations(qlinear, "weight", leave_parametrized=True)
-    qlinear.weight.requires_grad_(False)
+    delta, qlinear.low_rank = qlinear.low_rank, None
     if requantize:
         merged = delta.fp_weight.to(qlinear.weight.device, qlinear.weight.dtype) + delta.update()
         qlinear.weight.copy_(qlinear.weight_quantizer(merged))
+    else:
+        qlinear.weight.add_(delta.update())
 
 
 class QLLMMethod(QuantMethod):

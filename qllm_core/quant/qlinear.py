@@ -65,6 +65,9 @@ class QuantLinear(nn.Module):
         # on the host, so a forward pass never reads a device tensor (a host sync in every call).
         self.register_buffer("weight_frozen", torch.tensor(False))
         self.frozen = False
+        # A trainable update of the frozen weight, applied inside the GEMM: ``low_rank(x, weight, bias)``
+        # (QLLM's error correction, :class:`~qllm_core.methods.qllm.LowRankDelta`); None otherwise.
+        self.low_rank: nn.Module | None = None
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
@@ -97,6 +100,8 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.quantized_input(x)
+        if self.low_rank is not None:
+            return self.low_rank(x, self.effective_weight(), self.bias)
         w = self.effective_weight()
         return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
