@@ -23,13 +23,21 @@ Projection (one row per job):
   With a single group the warm-up group is used, and ``timed_groups`` says so.
 * ``fixed_seconds``: engine time outside the layer groups (capture of layer 0's inputs, the final move
   to the host) plus the method's ``prepare_model`` scaled by ``layers_total / layers_measured`` (it
-  touches every layer: QuaRot rotates every weight there; ~0 for the others).
+  touches every layer: QuaRot rotates every weight there; ~0 for the others), plus what the warm-up
+  group took beyond ``seconds_per_layer`` per layer (paid once: CUDA context, first captures, the
+  compilation of ``--compile-quantizers``; rows measured before 2026-11-27 lack this term).
 * ``projected_hours = (seconds_per_layer x layers_total + fixed_seconds) / 3600``.
 * Epochs: a trained method may be measured with fewer epochs than its paper's (``epochs`` column,
   "measured/paper") to keep the GPU time within budget. Every epoch is the same number of identical steps,
   so each group's training time (``train_block``'s wall time, read from the method after each
   calibrate call) is scaled by ``paper / measured`` and the rest of the group's time is kept. This
   over-counts the per-group CUDA-graph capture (a few steps) ``paper / measured - 1`` times: an upper bound.
+
+``trainer``: how the training steps ran (:func:`qllm_core.training.train_block`): ``graph`` (CUDA graph, the
+default on a GPU), ``graph+compile`` (``--compile-quantizers``: each fake quantizer's forward and backward
+compiled by inductor, a few fused kernels instead of ~25 on weight- and activation-sized tensors), ``eager``
+(CPU; also a GPU row whose capture failed and ran eagerly, as LLaMA-2-70B FlatQuant in stop 20's first
+call), ``-`` for the untrained methods. Rows with both are kept side by side.
 
 Other columns: ``peak_gpu_mem_gib`` (``torch.cuda.max_memory_allocated`` over the job, "-" on the CPU);
 ``est_gpu_mem_gib``: :func:`qllm_core.memory_budget.estimate_group_memory` for this job, the number the
@@ -92,11 +100,11 @@ SEED = 0
 
 CALIBRATION_COST_COLUMNS = ["shape", "method", "bits", "layers_measured", "layers_total", "seconds_per_layer",
                             "projected_hours", "peak_gpu_mem_gib", "calib_samples", "calib_seqlen", "device",
-                            "profile", "fixed_seconds", "host_mem_gib", "est_gpu_mem_gib", "epochs", "timed_groups",
-                            "paper_claim"]
+                            "profile", "fixed_seconds", "host_mem_gib", "est_gpu_mem_gib", "epochs", "trainer",
+                            "timed_groups", "paper_claim"]
 # A row is one measurement: the same job on the same device replaces it; another device's is kept beside.
 CALIBRATION_COST_KEYS = ["shape", "method", "bits", "layers_measured", "calib_samples", "calib_seqlen", "epochs",
-                         "profile", "device"]
+                         "trainer", "profile", "device"]
 
 
 @dataclass(frozen=True)
@@ -247,22 +255,27 @@ class _Tally:
 
 def measure(shape: str, method: str, layers: int | None = None, nsamples: int = 128, seqlen: int = 2048,
             device: str = "cpu", profile: str = "paper", options: dict | None = None, batch_size: int = 8,
-            gpu_memory_gib: float | None = None, dtype: torch.dtype = torch.float32) -> dict:
+            gpu_memory_gib: float | None = None, dtype: torch.dtype = torch.float32,
+            compile_quantizers: bool = False) -> dict:
     """Calibrate the first ``layers`` layers of ``shape`` with ``method`` and return its report row.
 
     ``options`` override the method's paper options for the measured run (e.g. ``epochs``);
     ``gpu_memory_gib``: check the fits-one-GPU estimate against this capacity instead of the GPU's free
-    memory (on the CPU the check runs only when it is given).
+    memory (on the CPU the check runs only when it is given). ``compile_quantizers``: see ``trainer``
+    in the module docstring (needs CUDA).
     """
     spec = method_spec(method)
     options = dict(options or {})
     qmethod = make_method(spec.name, spec.quant, **options)
+    on_gpu = torch.device(device).type == "cuda"
+    if compile_quantizers and not on_gpu:
+        raise ValueError("--compile-quantizers needs a CUDA device")
+    qmethod.trainer = {"compile_quantizers": True} if compile_quantizers else {}
     config = shape_config(shape)
     total = config.num_hidden_layers
     layers = layers or spec.default_layers
     if not 1 <= layers <= total:
         raise ValueError(f"{shape} has {total} decoder layers; cannot measure {layers}")
-    on_gpu = torch.device(device).type == "cuda"
     gpu_bytes = (int(gpu_memory_gib * GIB) if gpu_memory_gib is not None
                  else free_gpu_bytes(device) if on_gpu else None)
     estimate = estimate_group_memory(config, qmethod, nsamples, seqlen, dtype, gpu_bytes or 80 * GIB, batch_size)
@@ -288,7 +301,8 @@ def measure(shape: str, method: str, layers: int | None = None, nsamples: int = 
     groups = scale_epochs(engine.group_seconds, train, measured_epochs, spec.paper_epochs)
     per_layer, timed = seconds_per_layer(groups, sizes)
     outside = max(wall - sum(engine.group_seconds) - tally.prepare_seconds, 0.0)
-    fixed = outside + tally.prepare_seconds * total / layers
+    warm_up_surcharge = max(groups[0] - per_layer * sizes[0], 0.0) if len(groups) > 1 else 0.0
+    fixed = outside + tally.prepare_seconds * total / layers + warm_up_surcharge
     return {
         "shape": shape, "method": method, "bits": spec.quant.label, "layers_measured": layers, "layers_total": total,
         "seconds_per_layer": round(per_layer, 3), "projected_hours": round(projected_hours(per_layer, total, fixed), 3),
@@ -300,8 +314,16 @@ def measure(shape: str, method: str, layers: int | None = None, nsamples: int = 
                                               seqlen, gpu_bytes if on_gpu else None), 1),
         "est_gpu_mem_gib": round(estimate.total / GIB, 1),
         "epochs": f"{measured_epochs}/{spec.paper_epochs}" if spec.paper_epochs else "-",
+        "trainer": trainer_label(spec, on_gpu, compile_quantizers),
         "timed_groups": timed, "paper_claim": PAPER_CLAIMS.get((shape, method), "-"),
     }
+
+
+def trainer_label(spec: MethodSpec, on_gpu: bool, compile_quantizers: bool) -> str:
+    """The ``trainer`` column: how a trained method's steps ran ("-" for untrained methods)."""
+    if not spec.paper_epochs:
+        return "-"
+    return "eager" if not on_gpu else "graph+compile" if compile_quantizers else "graph"
 
 
 def save_row(table: str | Path, row: dict) -> pd.DataFrame:
@@ -311,7 +333,8 @@ def save_row(table: str | Path, row: dict) -> pd.DataFrame:
 
 def run_profile(profile: str, shapes: list[str] | None = None, methods: list[str] | None = None,
                 layers: int | None = None, device: str | None = None, table: str | Path = DEFAULT_TABLE,
-                epochs: int | None = None, gpu_memory_gib: float | None = None) -> list[dict]:
+                epochs: int | None = None, gpu_memory_gib: float | None = None,
+                compile_quantizers: bool = False) -> list[dict]:
     """Run the profile's jobs (or ``shapes`` x ``methods``), saving each row as it finishes."""
     settings = get_profile(profile)
     for s in shapes or []:
@@ -327,7 +350,8 @@ def run_profile(profile: str, shapes: list[str] | None = None, methods: list[str
         if epochs is not None and METHODS[method].paper_epochs:
             options["epochs"] = epochs
         row = measure(shape, method, layers or settings.layers.get(method), settings.nsamples, settings.seqlen,
-                      device or settings.device, settings.name, options, settings.batch_size, gpu_memory_gib)
+                      device or settings.device, settings.name, options, settings.batch_size, gpu_memory_gib,
+                      compile_quantizers=compile_quantizers)
         save_row(table, row)
         rows.append(row)
         tqdm.write(f"{shape} {method}: {row['seconds_per_layer']} s/layer -> {row['projected_hours']} h "
@@ -373,10 +397,12 @@ def main(argv: list[str] | None = None) -> int:
                                                    "(projected to the paper's; default: the profile's)")
     parser.add_argument("--device", help="cpu / cuda (default: the profile's)")
     parser.add_argument("--gpu-memory-gib", type=float, help="check the fits-one-GPU estimate against this capacity")
+    parser.add_argument("--compile-quantizers", action="store_true",
+                        help="train with compiled fake quantizers (CUDA; the trainer column says graph+compile)")
     parser.add_argument("--table", default=str(DEFAULT_TABLE))
     args = parser.parse_args(argv)
     run_profile(args.profile, args.shapes, args.methods, args.layers, args.device, args.table, args.epochs,
-                args.gpu_memory_gib)
+                args.gpu_memory_gib, args.compile_quantizers)
     print(read_table(args.table, args.profile).to_string(index=False))
     return 0
 

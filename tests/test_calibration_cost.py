@@ -102,6 +102,7 @@ def test_a_real_tiny_measurement_through_the_engine(tmp_path):
     assert row["seconds_per_layer"] > 0 and row["projected_hours"] > 0
     assert row["layers_total"] == 30 and row["layers_measured"] == 2 and row["epochs"] == "1/15"
     assert row["peak_gpu_mem_gib"] == "-" and row["device"] == "cpu" and row["timed_groups"] == "1 after 1 warm-up"
+    assert row["trainer"] == "eager"
     # 30 layers x seconds per layer + fixed costs, in hours
     assert row["projected_hours"] == pytest.approx((30 * row["seconds_per_layer"] + row["fixed_seconds"]) / 3600,
                                                    abs=1e-3)
@@ -147,3 +148,8 @@ def test_report_index_shows_the_calibration_cost_rows(tmp_path):
     assert "<h2>Calibration cost at LLaMA scale</h2>" in page
     section = page.split("<h2>Calibration cost at LLaMA scale</h2>")[1].split("<h2>")[0]
     assert "2.25" in section and "9.05 h, 1x A100-80G" in section and ">smoke<" not in section
+
+
+def test_compiled_quantizers_need_a_gpu():
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        measure("smollm2-135m", "flatquant", layers=1, nsamples=2, seqlen=16, device="cpu", compile_quantizers=True)
