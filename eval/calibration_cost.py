@@ -37,7 +37,10 @@ Projection (one row per job):
 default on a GPU), ``graph+compile`` (``--compile-quantizers``: each fake quantizer's forward and backward
 compiled by inductor, a few fused kernels instead of ~25 on weight- and activation-sized tensors), ``eager``
 (CPU; also a GPU row whose capture failed and ran eagerly, as LLaMA-2-70B FlatQuant in stop 20's first
-call), ``-`` for the untrained methods. Rows with both are kept side by side.
+call), ``-`` for the untrained methods. ``matmul_precision``: the engine's float32 matmul precision on the
+GPU (:class:`~qllm_core.engine.BlockwiseEngine`): ``highest`` (IEEE float32, as the study's runs) or ``high``
+(``--tf32``: TF32 tensor cores for the float32 passes through each layer). Rows differing in either are kept
+side by side.
 
 Other columns: ``peak_gpu_mem_gib`` (``torch.cuda.max_memory_allocated`` over the job, "-" on the CPU);
 ``est_gpu_mem_gib``: :func:`qllm_core.memory_budget.estimate_group_memory` for this job, the number the
@@ -101,10 +104,10 @@ SEED = 0
 CALIBRATION_COST_COLUMNS = ["shape", "method", "bits", "layers_measured", "layers_total", "seconds_per_layer",
                             "projected_hours", "peak_gpu_mem_gib", "calib_samples", "calib_seqlen", "device",
                             "profile", "fixed_seconds", "host_mem_gib", "est_gpu_mem_gib", "epochs", "trainer",
-                            "timed_groups", "paper_claim"]
+                            "matmul_precision", "timed_groups", "paper_claim"]
 # A row is one measurement: the same job on the same device replaces it; another device's is kept beside.
 CALIBRATION_COST_KEYS = ["shape", "method", "bits", "layers_measured", "calib_samples", "calib_seqlen", "epochs",
-                         "trainer", "profile", "device"]
+                         "trainer", "matmul_precision", "profile", "device"]
 
 
 @dataclass(frozen=True)
@@ -256,7 +259,7 @@ class _Tally:
 def measure(shape: str, method: str, layers: int | None = None, nsamples: int = 128, seqlen: int = 2048,
             device: str = "cpu", profile: str = "paper", options: dict | None = None, batch_size: int = 8,
             gpu_memory_gib: float | None = None, dtype: torch.dtype = torch.float32,
-            compile_quantizers: bool = False) -> dict:
+            compile_quantizers: bool = False, matmul_precision: str = "highest") -> dict:
     """Calibrate the first ``layers`` layers of ``shape`` with ``method`` and return its report row.
 
     ``options`` override the method's paper options for the measured run (e.g. ``epochs``);
@@ -285,7 +288,7 @@ def measure(shape: str, method: str, layers: int | None = None, nsamples: int = 
     model = shaped_llama(shape, layers=layers, seed=SEED, vocab_size=VOCAB, dtype=dtype)
     ids = torch.randint(0, VOCAB, (nsamples, seqlen), generator=torch.Generator().manual_seed(SEED))
     tally = _Tally(qmethod)
-    engine = BlockwiseEngine(model, ModelAdapter(model), device, None, batch_size)
+    engine = BlockwiseEngine(model, ModelAdapter(model), device, None, batch_size, matmul_precision)
     if on_gpu:
         torch.cuda.synchronize(device)
     with PeakMemory(device) as peak:
@@ -315,6 +318,7 @@ def measure(shape: str, method: str, layers: int | None = None, nsamples: int = 
         "est_gpu_mem_gib": round(estimate.total / GIB, 1),
         "epochs": f"{measured_epochs}/{spec.paper_epochs}" if spec.paper_epochs else "-",
         "trainer": trainer_label(spec, on_gpu, compile_quantizers),
+        "matmul_precision": matmul_precision if on_gpu else "-",
         "timed_groups": timed, "paper_claim": PAPER_CLAIMS.get((shape, method), "-"),
     }
 
@@ -334,7 +338,7 @@ def save_row(table: str | Path, row: dict) -> pd.DataFrame:
 def run_profile(profile: str, shapes: list[str] | None = None, methods: list[str] | None = None,
                 layers: int | None = None, device: str | None = None, table: str | Path = DEFAULT_TABLE,
                 epochs: int | None = None, gpu_memory_gib: float | None = None,
-                compile_quantizers: bool = False) -> list[dict]:
+                compile_quantizers: bool = False, matmul_precision: str = "highest") -> list[dict]:
     """Run the profile's jobs (or ``shapes`` x ``methods``), saving each row as it finishes."""
     settings = get_profile(profile)
     for s in shapes or []:
@@ -351,7 +355,7 @@ def run_profile(profile: str, shapes: list[str] | None = None, methods: list[str
             options["epochs"] = epochs
         row = measure(shape, method, layers or settings.layers.get(method), settings.nsamples, settings.seqlen,
                       device or settings.device, settings.name, options, settings.batch_size, gpu_memory_gib,
-                      compile_quantizers=compile_quantizers)
+                      compile_quantizers=compile_quantizers, matmul_precision=matmul_precision)
         save_row(table, row)
         rows.append(row)
         tqdm.write(f"{shape} {method}: {row['seconds_per_layer']} s/layer -> {row['projected_hours']} h "
@@ -399,10 +403,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpu-memory-gib", type=float, help="check the fits-one-GPU estimate against this capacity")
     parser.add_argument("--compile-quantizers", action="store_true",
                         help="train with compiled fake quantizers (CUDA; the trainer column says graph+compile)")
+    parser.add_argument("--tf32", action="store_true",
+                        help="the engine's float32 matmuls on TF32 tensor cores (matmul_precision high)")
     parser.add_argument("--table", default=str(DEFAULT_TABLE))
     args = parser.parse_args(argv)
     run_profile(args.profile, args.shapes, args.methods, args.layers, args.device, args.table, args.epochs,
-                args.gpu_memory_gib, args.compile_quantizers)
+                args.gpu_memory_gib, args.compile_quantizers, "high" if args.tf32 else "highest")
     print(read_table(args.table, args.profile).to_string(index=False))
     return 0
 

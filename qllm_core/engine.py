@@ -16,6 +16,8 @@ An interrupted run resumes: saved layers are rebuilt and reloaded, and only the
 """
 from __future__ import annotations
 
+import contextlib
+
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -170,6 +172,21 @@ def activation_copies(method: LayerMethod) -> int:
     return (3 if method.tracks_quant_inputs else 2) * (2 if method.layers_per_group > 1 else 1)
 
 
+MATMUL_PRECISIONS = ("highest", "high")
+
+
+@contextlib.contextmanager
+def float32_matmul_precision(precision: str | None):
+    """``torch.set_float32_matmul_precision(precision)`` within the block (None: unchanged), restored after."""
+    previous = torch.get_float32_matmul_precision()
+    if precision is not None:
+        torch.set_float32_matmul_precision(precision)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
 class BlockwiseEngine:
     """Walk a model's decoder layers one at a time, applying a :class:`LayerMethod`.
 
@@ -178,10 +195,19 @@ class BlockwiseEngine:
         device: where each layer is processed ("cuda", "cpu").
         layer_dir: directory for per-layer checkpoints (``NNN.safetensors``); None disables resume.
         batch_size: windows per forward pass when propagating activations.
+        matmul_precision: torch's float32 matmul precision on a CUDA device while the engine runs
+            (:data:`MATMUL_PRECISIONS`): "highest" (IEEE float32, the default) or "high" (TF32 tensor cores
+            for float32 matmuls: the float32 passes of a float32 model through each layer — FP targets,
+            calibration statistics, QLLM's threshold search — ~8x faster GEMMs at a 10-bit mantissa; the
+            official codes run these passes in float16). Autocast training steps are unaffected but for
+            their float32 matmuls.
     """
 
     def __init__(self, model: nn.Module, adapter: ModelAdapter, device: str | torch.device = "cpu",
-                 layer_dir: str | Path | None = None, batch_size: int = 1):
+                 layer_dir: str | Path | None = None, batch_size: int = 1, matmul_precision: str = "highest"):
+        if matmul_precision not in MATMUL_PRECISIONS:
+            raise ValueError(f"matmul_precision must be one of {MATMUL_PRECISIONS}, got {matmul_precision!r}")
+        self.matmul_precision = matmul_precision
         self.model = model
         self.adapter = adapter
         self.device = torch.device(device)
@@ -211,6 +237,10 @@ class BlockwiseEngine:
 
     def run(self, method: LayerMethod, calibration_ids: torch.Tensor | None = None) -> None:
         """Quantize every decoder layer with ``method`` (in place)."""
+        with float32_matmul_precision(self.matmul_precision if self.device.type == "cuda" else None):
+            self._run(method, calibration_ids)
+
+    def _run(self, method: LayerMethod, calibration_ids: torch.Tensor | None) -> None:
         method.prepare_model(self.model, self.adapter)
         if method.needs_calibration and calibration_ids is None:
             raise ValueError(f"method {method.name!r} needs calibration data")

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -34,6 +34,7 @@ class CalibConfig:
     seqlen: int = 2048
     seed: int = 0
     batch_size: int = 1
+    matmul_precision: str = "highest"  # the engine's float32 matmul precision on a GPU (BlockwiseEngine)
 
 
 def is_run_dir(path: str | Path) -> bool:
@@ -60,9 +61,11 @@ def quantize_to_run(
     calib_ids, calib_record = None, None
     if qmethod.needs_calibration:
         dataset = calib.dataset or default_calibration_dataset(data_dir)
-        calib = CalibConfig(dataset, calib.nsamples, calib.seqlen, calib.seed, calib.batch_size)
+        calib = replace(calib, dataset=dataset)
         calib_ids = calibration_windows(loaded.tokenizer, dataset, calib.nsamples, calib.seqlen, calib.seed, data_dir)
         calib_record = asdict(calib)
+        if calib.matmul_precision == "highest":  # the default stays out of the record: earlier runs still resume
+            del calib_record["matmul_precision"]
     record = {"model": model_spec, "model_name": loaded.name, **qmethod.config(), "calibration": calib_record}
     existing = run_dir / RUN_FILE
     if existing.is_file():
@@ -74,7 +77,8 @@ def quantize_to_run(
     run_dir.mkdir(parents=True, exist_ok=True)
     _write_json(existing, {**record, "status": "running"})
     on_gpu = torch.device(device).type == "cuda"
-    engine = BlockwiseEngine(loaded.model, loaded.adapter, device, run_dir / "layers", calib.batch_size)
+    engine = BlockwiseEngine(loaded.model, loaded.adapter, device, run_dir / "layers", calib.batch_size,
+                             calib.matmul_precision)
     start = time.time()
     with UtilizationSampler(device) as busy, PeakMemory(device) as peak:
         engine.run(qmethod, calib_ids)

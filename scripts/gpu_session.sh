@@ -52,16 +52,17 @@ job() {  # the command of one job name
     cost7)  # issue 11: LLaMA-2-7B / LLaMA-3-8B shapes, FlatQuant and QLLM (COST7_SHAPES, COST7_METHODS: subsets)
       echo "python -m eval.calibration_cost --profile paper --device cuda --methods ${COST7_METHODS:-flatquant qllm} \
             --shapes ${COST7_SHAPES:-llama2-7b llama3-8b} --table $R/cost/calibration_cost.csv" ;;
-    cost70f|cost70f2)  # issue 11: FlatQuant on LLaMA-3-70B (cost70f) / LLaMA-2-70B (cost70f2) shapes, 2 layers at
-              # COST70F_EPOCHS of the 15 epochs (projected to 15: a 70B layer took ~200 s eagerly at 15 epochs);
-              # COST70_ARGS: more options of the 70B jobs (e.g. --compile-quantizers)
-      local shape=llama3-70b; [ "$1" = cost70f2 ] && shape=llama2-70b
+    cost70f|cost70f2|cost70fc)  # issue 11: FlatQuant on LLaMA-3-70B (cost70f; cost70fc: with compiled quantizers) /
+              # LLaMA-2-70B (cost70f2) shapes, 2 layers at COST70F_EPOCHS of the 15 epochs (projected to 15: a 70B
+              # layer took ~200 s eagerly at 15 epochs); COST70_ARGS: more options of every 70B job (e.g. --tf32)
+      local shape=llama3-70b extra=; [ "$1" = cost70f2 ] && shape=llama2-70b; [ "$1" = cost70fc ] && extra=--compile-quantizers
       echo "python -m eval.calibration_cost --profile paper --device cuda --methods flatquant \
-            --shapes $shape --layers 2 --epochs ${COST70F_EPOCHS:-5} ${COST70_ARGS:-} --table $R/cost/calibration_cost_$1.csv" ;;
-    cost70q)  # issue 11: QLLM on LLaMA-2-70B, one 4-layer error-correction group (8 layers, the default, took
-              # ~60 s per layer's search + ~80 s per group-epoch on an H200: longer than one call)
+            --shapes $shape --layers 2 --epochs ${COST70F_EPOCHS:-5} $extra ${COST70_ARGS:-} --table $R/cost/calibration_cost_$1.csv" ;;
+    cost70q|cost70qc)  # issue 11: QLLM on LLaMA-2-70B, one 4-layer error-correction group (8 layers, the default, took
+              # ~60 s per layer's search + ~80 s per group-epoch on an H200: longer than one call); cost70qc: compiled quantizers
+      local extra=; [ "$1" = cost70qc ] && extra=--compile-quantizers
       echo "python -m eval.calibration_cost --profile paper --device cuda --methods qllm --shapes llama2-70b \
-            --layers 4 ${COST70_ARGS:-} --table $R/cost/calibration_cost_70q.csv" ;;
+            --layers 4 $extra ${COST70_ARGS:-} --table $R/cost/calibration_cost_$1.csv" ;;
     costref)  # issue 11: GPTQ / QuaRot for reference (COSTREF_SHAPES: a subset)
       echo "python -m eval.calibration_cost --profile paper --device cuda --methods gptq quarot \
             --shapes ${COSTREF_SHAPES:-llama2-7b llama3-8b llama2-70b} --table $R/cost/calibration_cost_ref.csv" ;;

@@ -102,7 +102,7 @@ def test_a_real_tiny_measurement_through_the_engine(tmp_path):
     assert row["seconds_per_layer"] > 0 and row["projected_hours"] > 0
     assert row["layers_total"] == 30 and row["layers_measured"] == 2 and row["epochs"] == "1/15"
     assert row["peak_gpu_mem_gib"] == "-" and row["device"] == "cpu" and row["timed_groups"] == "1 after 1 warm-up"
-    assert row["trainer"] == "eager"
+    assert row["trainer"] == "eager" and row["matmul_precision"] == "-"
     # 30 layers x seconds per layer + fixed costs, in hours
     assert row["projected_hours"] == pytest.approx((30 * row["seconds_per_layer"] + row["fixed_seconds"]) / 3600,
                                                    abs=1e-3)

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from qllm_core.engine import BlockwiseEngine, capture_layer0_inputs, run_layer_batched
+from qllm_core.engine import BlockwiseEngine, capture_layer0_inputs, float32_matmul_precision, run_layer_batched
 from qllm_core.methods import QuantConfig, make_method
 from qllm_core.methods.base import QuantMethod, quant_linears
 from qllm_core.quant import QuantLinear
@@ -169,3 +169,16 @@ def test_activation_storage_uses_the_accelerator_only_when_activations_fit():
     assert activation_storage(gpu, need_bytes=10, free_bytes=100) == gpu
     assert activation_storage(gpu, need_bytes=60, free_bytes=100).type == "cpu"  # over half the free memory
     assert activation_storage(torch.device("cpu"), need_bytes=1, free_bytes=None).type == "cpu"
+
+
+def test_matmul_precision_is_checked_and_restored(tiny_llama):
+    """The engine's float32 matmul precision: a name torch knows, set only within the block (None: untouched)."""
+    model, adapter = tiny_llama()
+    with pytest.raises(ValueError, match="matmul_precision must be one of"):
+        BlockwiseEngine(model, adapter, "cpu", matmul_precision="tf32")
+    before = torch.get_float32_matmul_precision()
+    with float32_matmul_precision("high"):
+        assert torch.get_float32_matmul_precision() == "high"
+    with float32_matmul_precision(None):
+        assert torch.get_float32_matmul_precision() == before
+    assert torch.get_float32_matmul_precision() == before
