@@ -59,10 +59,10 @@ job() {  # the command of one job name
       echo "python -m eval.calibration_cost --profile paper --device cuda --methods flatquant \
             --shapes $shape --layers 2 --epochs ${COST70F_EPOCHS:-5} $extra ${COST70_ARGS:-} --table $R/cost/calibration_cost_$1.csv" ;;
     cost70q|cost70qc)  # issue 11: QLLM on LLaMA-2-70B, one 4-layer error-correction group (8 layers, the default, took
-              # ~60 s per layer's search + ~80 s per group-epoch on an H200: longer than one call); cost70qc: compiled quantizers
+              # ~60 s per layer's search + ~80 s per group-epoch on an H200: longer than one call; COST70Q_LAYERS, default 4); cost70qc: compiled quantizers
       local extra=; [ "$1" = cost70qc ] && extra=--compile-quantizers
       echo "python -m eval.calibration_cost --profile paper --device cuda --methods qllm --shapes llama2-70b \
-            --layers 4 $extra ${COST70_ARGS:-} --table $R/cost/calibration_cost_$1.csv" ;;
+            --layers ${COST70Q_LAYERS:-4} $extra ${COST70_ARGS:-} --table $R/cost/calibration_cost_$1.csv" ;;
     costref)  # issue 11: GPTQ / QuaRot for reference (COSTREF_SHAPES: a subset)
       echo "python -m eval.calibration_cost --profile paper --device cuda --methods gptq quarot \
             --shapes ${COSTREF_SHAPES:-llama2-7b llama3-8b llama2-70b} --table $R/cost/calibration_cost_ref.csv" ;;
