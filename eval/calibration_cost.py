@@ -53,23 +53,18 @@ Before any model is built, each job's GPU memory is estimated for one layer grou
 start (:class:`~qllm_core.memory_budget.DoesNotFitError`) when it cannot fit the GPU (or the
 ``gpu_memory_gib`` given, to ask about a smaller card).
 
-GPU time (H100 80GB, estimates for the ``paper`` profile, 128 x 2048 windows, fp32 models as real runs
-use; training steps under the methods' autocast (FlatQuant fp16, QLLM bf16 as their official codes) at
-~300 TFLOP/s; model construction on the host ~10 s per 70B layer):
+GPU time per job, measured on an H200 (``paper`` profile, 128 x 2048 windows, float32 models as real runs
+use; training steps under the methods' autocast, FlatQuant fp16 and QLLM bf16 as their official codes;
+model construction on the host ~10 s per 70B layer):
 
-* FlatQuant, 480 steps per layer of forward+backward over 4 x 2048 tokens (~3 x 2 x params FLOP per token):
-  LLaMA-2-7B / LLaMA-3-8B ~5.5 PFLOP per layer, ~18 s; 3 layers ~1.3 min a job. LLaMA-2/3-70B ~21 PFLOP
-  (~44 TFLOP per step) per layer, ~70 s; 3 layers ~4.5 min a job (``--layers 2``: ~3.3 min).
-* QLLM, 1280 steps per 4-layer group at 10 epochs, each over 2048 tokens (frozen weights: ~2 x 2 x params
-  FLOP per token), plus the threshold search: 7B/8B ~0.6 s per layer and epoch + ~3 s search; measured at 1
-  of 10 epochs by default (``--epochs 10`` for the full run on 7B/8B shapes, ~2 min for 8 layers); 70B ~5 s per
-  layer and epoch + ~10 s search, 8 layers at 1 epoch ~2-3 min.
-* GPTQ (2 layers): Hessians from 128 x 2048 tokens and the column sweep; 7B ~0.5 min, 70B ~1.5 min a job.
-* QuaRot RTN (2 layers): host-side rotation of each layer (70B: ~10-20 s per layer on 16 cores); ~0.5 min
-  (7B) to ~1.5 min (70B) a job.
+* FlatQuant on LLaMA-2/3-70B shapes, ``--layers 2 --epochs 5``: 2.0-2.5 min (float32 passes, CUDA graph),
+  ~2 min with ``--tf32 --compile-quantizers`` (layer 0 pays the compilation).
+* QLLM on LLaMA-2-70B shapes at 1 of 10 epochs: ``--layers 4`` ~4.3 min in float32; ``--layers 8`` (two
+  groups, so the warm-up group is left out of ``seconds_per_layer``) ~5 min with ``--tf32``.
+* LLaMA-2-7B / LLaMA-3-8B, FlatQuant (3 layers) and QLLM (8 layers): a few minutes per shape.
+* GPTQ + QuaRot on LLaMA-2-70B shapes (2 layers each): ~4.7 min (QuaRot's host-side rotation dominates).
 
-Whole paper set (14 jobs) ~25 min of one H100: split it (``--shapes`` / ``--methods``) into commands of
-at most ~10 minutes; see the README.
+Split the paper set (``--shapes`` / ``--methods``) into commands of at most ~10 minutes; see the README.
 """
 from __future__ import annotations
 
