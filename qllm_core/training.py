@@ -164,13 +164,17 @@ class _Step:
             else:
                 group["lr"] = lr
 
-    def __call__(self, x: torch.Tensor, target: torch.Tensor) -> None:
+    def loss(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The forward pass under the method's autocast and context, and its MSE against ``target``."""
         job = self.job
         with torch.autocast(self.device.type, dtype=job.amp_dtype or torch.float32, enabled=self.autocast,
                             cache_enabled=False), job.forward_context(), shared_inputs():
             out = call_layer(job.module, x, job.kwargs)
-        loss = F.mse_loss(out.float(), target.float())
-        objective = loss / loss.detach().clamp(min=1e-30) if job.normalise_loss else loss
+        return F.mse_loss(out.float(), target.float())
+
+    def __call__(self, x: torch.Tensor, target: torch.Tensor) -> None:
+        loss = self.loss(x, target)
+        objective = loss / loss.detach().clamp(min=1e-30) if self.job.normalise_loss else loss
         self.scaler.scale(objective).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -307,11 +311,7 @@ def _create_solver_handles(step: _Step, static_x: torch.Tensor, static_t: torch.
     LLaMA-70B-shaped FlatQuant on an H200, whose eager warm-up steps had used MAGMA's LU). The step's own
     solves, not stand-ins: warming with a 2x2 solve and its backward still left the capture failing there
     (stop 20). The gradients it leaves are dropped (the capture starts from None)."""
-    job = step.job
-    with torch.autocast(step.device.type, dtype=job.amp_dtype or torch.float32, enabled=step.autocast,
-                        cache_enabled=False), job.forward_context(), shared_inputs():
-        out = call_layer(job.module, static_x, job.kwargs)
-    F.mse_loss(out.float(), static_t.float()).backward()
+    step.loss(static_x, static_t).backward()
     step.optimizer.zero_grad(set_to_none=True)
 
 
