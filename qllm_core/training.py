@@ -310,7 +310,8 @@ def _create_solver_handles(step: _Step, static_x: torch.Tensor, static_t: torch.
     cuSOLVER call, and ``cusolverDnCreate`` inside a capture fails (``CUSOLVER_STATUS_INTERNAL_ERROR``;
     LLaMA-70B-shaped FlatQuant on an H200, whose eager warm-up steps had used MAGMA's LU). The step's own
     solves, not stand-ins: warming with a 2x2 solve and its backward still left the capture failing there
-    (stop 20). The gradients it leaves are dropped (the capture starts from None)."""
+    (stop 20, first call); with this warm-up the LLaMA-3-70B step was captured (stop 20, second call). The
+    gradients it leaves are dropped (the capture starts from None)."""
     step.loss(static_x, static_t).backward()
     step.optimizer.zero_grad(set_to_none=True)
 

@@ -19,7 +19,8 @@ Per decoder layer (methods.md section 3; official ModelTC/QLLM ``quantize/qllm.p
 3. **Efficient error correction** (Sec. 3.3): rank-``rank`` LoRA adapters on every quantized linear
    of the layer, trained with the official forward ``Q_a(x) @ (Q_w(W) + B A / rank)ᵀ``
    (``quantize/int_linear_lora.py``: lora_alpha = 1, A Kaiming-uniform, B zero) on the frozen
-   quantized base; AdamW (weight decay 0), linear LR decay, batch 1; input = the quantized
+   quantized base — that forward bit for bit, with A's and B's gradients taken through the rank-r
+   factors instead of the weight-sized weight gradient (:class:`_LowRankLinear`); AdamW (weight decay 0), linear LR decay, batch 1; input = the quantized
    model's layer inputs, target = the FP layer outputs (official: student on ``quant_inps``,
    teacher on ``fp_inps``). Afterwards ``B A / rank`` is merged into the *unquantized* weight and
    the sum is quantized, ``Q_w(W + B A / rank)``, as the official ``train_utils.lora_merge`` does
