@@ -193,6 +193,14 @@ def seconds_per_layer(group_seconds: list[float], sizes: list[int]) -> tuple[flo
     return statistics.median(per_layer[1:]), f"{len(per_layer) - 1} after 1 warm-up"
 
 
+def warm_up_surcharge(group_seconds: list[float], sizes: list[int], per_layer: float) -> float:
+    """What the first (warm-up) group took beyond ``per_layer`` seconds per layer: one-time costs (CUDA context,
+    first captures, compilation) a whole run pays once. 0 with a single group, whose time is ``per_layer``."""
+    if len(group_seconds) < 2:
+        return 0.0
+    return max(group_seconds[0] - per_layer * sizes[0], 0.0)
+
+
 def scale_epochs(group_seconds: list[float], train_seconds: list[float], measured: int | None,
                  paper: int | None) -> list[float]:
     """Group times at the paper's epochs: each group's training time scaled by ``paper / measured``."""
@@ -299,8 +307,7 @@ def measure(shape: str, method: str, layers: int | None = None, nsamples: int = 
     groups = scale_epochs(engine.group_seconds, train, measured_epochs, spec.paper_epochs)
     per_layer, timed = seconds_per_layer(groups, sizes)
     outside = max(wall - sum(engine.group_seconds) - tally.prepare_seconds, 0.0)
-    warm_up_surcharge = max(groups[0] - per_layer * sizes[0], 0.0) if len(groups) > 1 else 0.0
-    fixed = outside + tally.prepare_seconds * total / layers + warm_up_surcharge
+    fixed = outside + tally.prepare_seconds * total / layers + warm_up_surcharge(groups, sizes, per_layer)
     return {
         "shape": shape, "method": method, "bits": spec.quant.label, "layers_measured": layers, "layers_total": total,
         "seconds_per_layer": round(per_layer, 3), "projected_hours": round(projected_hours(per_layer, total, fixed), 3),

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from eval.calibration_cost import (CALIBRATION_COST_COLUMNS, measure, projected_hours, run_profile, scale_epochs,
-                                   seconds_per_layer)
+                                   seconds_per_layer, warm_up_surcharge)
 from qllm_core.memory_budget import GIB, DoesNotFitError, check_fits_one_gpu, estimate_group_memory
 from qllm_core.methods import QuantConfig, make_method
 from qllm_core.shapes import shape_config
@@ -153,3 +153,12 @@ def test_report_index_shows_the_calibration_cost_rows(tmp_path):
 def test_compiled_quantizers_need_a_gpu():
     with pytest.raises(ValueError, match="needs a CUDA device"):
         measure("smollm2-135m", "flatquant", layers=1, nsamples=2, seqlen=16, device="cpu", compile_quantizers=True)
+
+
+def test_the_warm_up_groups_one_time_cost_is_counted_once():
+    """Two groups of 4 layers, the first 40 s slower (compilation): per layer from the second, +40 s fixed."""
+    groups, sizes = [240.0, 200.0], [4, 4]
+    per_layer, _ = seconds_per_layer(groups, sizes)
+    assert per_layer == 50.0 and warm_up_surcharge(groups, sizes, per_layer) == 40.0
+    assert warm_up_surcharge([200.0], [4], 50.0) == 0.0  # one group: its time is the per-layer figure already
+    assert warm_up_surcharge([180.0, 200.0], [4, 4], 50.0) == 0.0  # a faster warm-up adds nothing
