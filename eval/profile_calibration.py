@@ -70,7 +70,8 @@ def run_case(case: str, epochs: int, mode: str, shape: str, nsamples: int, seqle
     if not profile:
         engine.run(method, ids)
         torch.cuda.synchronize()
-        return {"wall_s": time.perf_counter() - start}
+        stats = getattr(method, "train_stats", None)  # the (last) trained block's own wall time, if recorded
+        return {"wall_s": time.perf_counter() - start, "train_s": getattr(stats, "wall_seconds", None)}
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     with torch.profiler.profile(activities=activities) as prof:
         engine.run(method, ids)
@@ -133,7 +134,8 @@ def measure(case: str, mode: str, args) -> dict:
     common = (args.shape, args.nsamples, args.seqlen)
     if "compile" in mode:  # compile every quantizer variant of the case before timing
         run_case(case, epochs[0], mode, args.shape, 8, args.seqlen, False)
-    walls = [run_case(case, e, mode, *common, False)["wall_s"] for e in epochs]
+    runs = [run_case(case, e, mode, *common, False) for e in epochs]
+    walls = [r["wall_s"] for r in runs]
     row = {"case": case, "mode": mode, "layers": layers, "wall_s": [round(w, 3) for w in walls]}
     if case == "qllm-search":
         row["seconds_per_layer"] = round(walls[0] / layers, 3)
@@ -143,7 +145,10 @@ def measure(case: str, mode: str, args) -> dict:
     except RuntimeError as err:  # the profiler and CUDA graph capture do not always get along
         profiles, row["profile_error"] = None, repr(err)[:300]
     steps_per_epoch = args.nsamples // windows_per_step
-    epoch_s = walls[1] - walls[0]
+    # one epoch = the difference of the training times where the trainer records them (the model builds and
+    # layer passes of two separate runs differ by more than an epoch of small steps at 70B shapes), else walls
+    trained = [r["train_s"] for r in runs]
+    epoch_s = trained[1] - trained[0] if None not in trained else walls[1] - walls[0]
     fixed_s = walls[0] - epoch_s
     row.update(steps_per_epoch=steps_per_epoch, ms_per_step_wall=round(1e3 * epoch_s / steps_per_epoch, 3),
                seconds_per_layer_paper=round((fixed_s + paper_epochs * epoch_s) / layers, 2),
