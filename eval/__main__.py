@@ -16,6 +16,7 @@ import sys
 from qllm_core.data import CALIB_DATASETS, EVAL_DATASETS
 from qllm_core.methods import METHODS, QuantConfig
 from qllm_core.models import load_model
+from qllm_core.engine import MATMUL_PRECISIONS
 from qllm_core.runs import CalibConfig, is_run_dir, load_run, quantize_to_run
 
 from .perplexity import perplexity
@@ -54,6 +55,8 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--nsamples", type=int, default=128)
     q.add_argument("--calib-seqlen", type=int, default=2048)
     q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--matmul-precision", choices=MATMUL_PRECISIONS, default="highest",
+                   help="float32 matmuls of the engine's passes on a GPU: highest (IEEE) or high (TF32); in run.json")
     q.add_argument("--option", action="append", default=[], metavar="KEY=JSON",
                    help="method option, e.g. --option epochs=15 (value parsed as JSON)")
     return parser
@@ -98,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
                             w_group_size=args.w_group_size)
     except ValueError as err:
         raise SystemExit(f"error: {err}") from err
-    calib = CalibConfig(args.calib_dataset, args.nsamples, args.calib_seqlen, args.seed)
+    calib = CalibConfig(args.calib_dataset, args.nsamples, args.calib_seqlen, args.seed,
+                        matmul_precision=args.matmul_precision)
     quantize_to_run(args.model, args.method, quant, args.out, calib, args.device, args.data_dir,
                     _parse_options(args.option))
     print(f"quantized run written to {args.out}")

@@ -53,3 +53,17 @@ def test_run_directory_round_trip(tiny_model_dir, tmp_path):
 def test_embedded_model_is_llama(embedded):
     assert embedded.adapter.family == "llama" and len(embedded.adapter.layers) == 30
     assert embedded.adapter.num_kv_heads == 3 and embedded.name == "SmolLM2-135M-Instruct"
+
+
+def test_a_non_default_matmul_precision_is_part_of_the_run(tiny_model_dir, data_dir, tmp_path):
+    """TF32 passes ("high") are recorded in run.json, so the run cannot be resumed as an IEEE float32 one;
+    the default stays out of the record (runs written before the option still resume)."""
+    calib = CalibConfig("ptb", nsamples=2, seqlen=16, matmul_precision="high")
+    quantize_to_run(str(tiny_model_dir), "smoothquant", QuantConfig(8, 8), tmp_path / "tf32", calib, data_dir=data_dir)
+    assert load_run(tmp_path / "tf32")[1]["calibration"]["matmul_precision"] == "high"
+    with pytest.raises(ValueError, match="holds a different run"):
+        quantize_to_run(str(tiny_model_dir), "smoothquant", QuantConfig(8, 8), tmp_path / "tf32",
+                        CalibConfig("ptb", nsamples=2, seqlen=16), data_dir=data_dir)
+    quantize_to_run(str(tiny_model_dir), "smoothquant", QuantConfig(8, 8), tmp_path / "ieee",
+                    CalibConfig("ptb", nsamples=2, seqlen=16), data_dir=data_dir)
+    assert "matmul_precision" not in load_run(tmp_path / "ieee")[1]["calibration"]
