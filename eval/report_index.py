@@ -135,7 +135,7 @@ def calibration_cost_table(cost: pd.DataFrame) -> str:
         return "<p>no rows yet (python -m eval.calibration_cost)</p>"
     profile = "paper" if (cost.profile == "paper").any() else "smoke"
     columns = ["shape", "method", "bits", "layers_measured", "seconds_per_layer", "projected_hours",
-               "peak_gpu_mem_gib", "epochs", "device", "profile", "paper_claim"]
+               "peak_gpu_mem_gib", "epochs", "trainer", "matmul_precision", "device", "profile", "paper_claim"]
     return _html_table(cost[cost.profile == profile][[c for c in columns if c in cost.columns]])
 
 
@@ -161,15 +161,17 @@ def build_index(reports: Path = REPO / "reports") -> Path:
          _html_table(zero_shot_drops(zeroshot, paper)) if len(paper) else "<p>no rows</p>"),
         ("Calibration time", "The papers' claims (one A100-80G, LLaMA-2-70B) beside ours: wall time of a whole "
          "calibration of the embedded 135M model (30 layers) with the papers' settings (128 x 2048 windows), "
-         "median seconds per layer, GPU utilisation and runs sharing the GPU. LLaMA-shaped projections: "
-         "reports/tables/calibration_cost.csv once measured.",
+         "median seconds per layer, GPU utilisation and runs sharing the GPU. LLaMA-shaped projections: the "
+         "next section.",
          _html_table(claims[claims.claim.str.contains("calibration")]) + _html_table(
              calibration[calibration.profile == "paper"]) if len(claims) else ""),
         ("Calibration cost at LLaMA scale", "Projected hours of a whole calibration on one GPU from a few measured "
          "layers of LLaMA-shaped random-weight models (eval/calibration_cost.py): (seconds per layer x layers + "
          "fixed costs) / 3600, beside the papers' figures (QLLM: LLaMA-2-70B 9.05 h on one A100-80G; FlatQuant: "
          "LLaMA-2-70B 6.15 h, LLaMA-3-70B 5.94 h on one GPU) and the issue's 2 h target on one H100. The paper "
-         "profile's rows where measured, else the smoke profile's (SmolLM2-135M shape on the CPU).",
+         "profile's rows where measured, else the smoke profile's (SmolLM2-135M shape on the CPU). A shape and "
+         "method may have several rows: CUDA-graph or compiled-quantizer steps (trainer), IEEE float32 or TF32 "
+         "engine passes (matmul_precision).",
          calibration_cost_table(cost)),
         ("Speedups", "FlatQuant's claims (RTX 3090, which has INT4 tensor cores) beside ours (H100 or H200, as "
          "each row says; LLaMA-2-7B shapes, ratios to bf16 cuBLAS measured in the same run; "
