@@ -14,9 +14,9 @@ import json
 import sys
 
 from qllm_core.data import CALIB_DATASETS, EVAL_DATASETS
+from qllm_core.engine import MATMUL_PRECISIONS
 from qllm_core.methods import METHODS, QuantConfig
 from qllm_core.models import load_model
-from qllm_core.engine import MATMUL_PRECISIONS
 from qllm_core.runs import CalibConfig, is_run_dir, load_run, quantize_to_run
 
 from .perplexity import perplexity

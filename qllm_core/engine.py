@@ -17,7 +17,6 @@ An interrupted run resumes: saved layers are rebuilt and reloaded, and only the
 from __future__ import annotations
 
 import contextlib
-
 import time
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -247,10 +247,15 @@ _SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
 def _side_stream(device: torch.device) -> torch.cuda.Stream:
     """The device's stream for training steps, one for the process: cuBLAS keeps a workspace per stream
     it has run on (for good), so a new stream per trained block would add one per block."""
-    key = torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
+    key = torch.device("cuda", _cuda_index(device))
     if key not in _SIDE_STREAMS:
         _SIDE_STREAMS[key] = torch.cuda.Stream(key)
     return _SIDE_STREAMS[key]
+
+
+def _cuda_index(device: torch.device) -> int:
+    """The CUDA device index of ``device`` ("cuda" without one: the current device)."""
+    return device.index if device.index is not None else torch.cuda.current_device()
 
 
 def _try_capture(step: _Step, static_x: torch.Tensor, static_t: torch.Tensor,
@@ -350,7 +355,7 @@ def _abandon_pool(pool: tuple[int, int], device: torch.device) -> None:
     release = getattr(torch._C, "_cuda_releasePool", None)
     if end is None or release is None:
         return
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    index = _cuda_index(device)
     for undo in (end, release):  # each on its own: a torch that already ended the routing still holds the pool
         try:
             undo(index, pool)

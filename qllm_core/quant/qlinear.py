@@ -100,9 +100,9 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.quantized_input(x)
-        if self.low_rank is not None:
-            return self.low_rank(x, self.effective_weight(), self.bias)
         w = self.effective_weight()
+        if self.low_rank is not None:
+            return self.low_rank(x, w, self.bias)
         return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     @torch.no_grad()
