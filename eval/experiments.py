@@ -112,12 +112,15 @@ def calibration_row(common: dict, record: dict | None) -> dict | None:
     if not stats or not calibration:
         return None
     groups = stats.get("group_seconds") or []
-    per_layer = statistics.median(groups) / stats.get("layers_per_group", 1) if groups else None
+    # a timed group is a layer group or a window of layers calibrated at once (never both, qllm_core.engine)
+    concurrent = stats.get("concurrent_layers", 1)
+    per_layer = statistics.median(groups) / max(stats.get("layers_per_group", 1), concurrent) if groups else None
     busy = stats.get("gpu_busy_share")
     return {**common, "calib_seconds": "-" if stats.get("resumed_layers") else stats["calib_seconds"],
             "seconds_per_layer": "-" if per_layer is None else round(per_layer, 3),
             "gpu_busy_share": "-" if busy is None else busy, "peak_gpu_mem_gib": stats.get("peak_gpu_mem_gib", "-"),
-            "jobs": stats.get("concurrent_jobs", 1), "device": device_label(stats["device"])}
+            "jobs": stats.get("concurrent_jobs", 1), "concurrent_layers": concurrent,
+            "device": device_label(stats["device"])}
 
 
 def experiment_columns(exp: Experiment, record: dict | None, model_name: str, profile: str) -> dict:

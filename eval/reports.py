@@ -19,14 +19,15 @@ PERPLEXITY_COLUMNS = ["model", "method", "w_bits", "a_bits", "kv_bits", "dataset
 # group's over its layers); gpu_busy_share: mean NVML utilization during it; jobs: runs sharing the GPU.
 CALIBRATION_COLUMNS = ["model", "method", "w_bits", "a_bits", "kv_bits", "calib_data", "calib_samples",
                        "calib_seqlen", "calib_seconds", "seconds_per_layer", "gpu_busy_share", "peak_gpu_mem_gib",
-                       "jobs", "profile", "device"]
-# A timing depends on the device and on the runs sharing it: both are part of a calibration row's key.
+                       "jobs", "concurrent_layers", "profile", "device"]
+# A timing depends on the device, on the runs sharing it and on the layers calibrated at once: all are part of
+# a calibration row's key.
 CALIBRATION_KEYS = [c for c in CALIBRATION_COLUMNS if c not in ("calib_seconds", "seconds_per_layer", "gpu_busy_share",
                                                                 "peak_gpu_mem_gib")]
 ZEROSHOT_COLUMNS = ["model", "method", "w_bits", "a_bits", "kv_bits", "task", "metric", "value", "stderr", "n", "limit",
                     "calib_data", "profile", "device"]
 VALUE_COLUMNS = {"ppl", "device", "calib_seconds", "seconds_per_layer", "gpu_busy_share", "peak_gpu_mem_gib", "jobs",
-                 "value", "stderr", "n"}
+                 "concurrent_layers", "value", "stderr", "n"}
 
 
 def key_columns(columns: list[str]) -> list[str]:

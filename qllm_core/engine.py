@@ -160,15 +160,27 @@ def activation_storage(device: torch.device, need_bytes: int, free_bytes: int | 
     return device
 
 
-def activation_copies(method: LayerMethod) -> int:
+def activation_copies(method: LayerMethod, concurrent_layers: int = 1) -> int:
     """Activation tensors of the whole calibration set the engine keeps while walking the layers.
 
     FP inputs and outputs (+ the quantized inputs when the method tracks them); a group of several
-    layers also keeps its own inputs until its joint step. 0 for a method without calibration data.
+    layers also keeps its own inputs until its joint step; ``concurrent_layers`` layers calibrated at once
+    keep the first one's FP inputs and every one's FP outputs. 0 for a method without calibration data.
     """
     if not method.needs_calibration:
         return 0
+    if concurrent_layers > 1:
+        return concurrent_layers + 1
     return (3 if method.tracks_quant_inputs else 2) * (2 if method.layers_per_group > 1 else 1)
+
+
+def concurrent_window(method: LayerMethod, concurrent_layers: int) -> int:
+    """How many layers the engine calibrates at once: ``concurrent_layers`` for a method whose layers are
+    independent (``independent_layers``, one layer per group), else 1."""
+    if concurrent_layers < 1:
+        raise ValueError(f"concurrent_layers must be >= 1, got {concurrent_layers}")
+    independent = getattr(method, "independent_layers", False) and method.layers_per_group == 1
+    return concurrent_layers if independent else 1
 
 
 MATMUL_PRECISIONS = ("highest", "high")
@@ -200,19 +212,28 @@ class BlockwiseEngine:
             calibration statistics, QLLM's threshold search — ~8x faster GEMMs at a 10-bit mantissa; the
             official codes run these passes in float16). Autocast training steps are unaffected but for
             their float32 matmuls.
+        concurrent_layers: layers calibrated at once by a method whose layers are independent
+            (``independent_layers``: FlatQuant with RTN weights trains each block on its own FP inputs), through
+            its ``calibrate_layers``; the same results as one at a time (tested), more GPU work in flight for a
+            small model. Other methods walk one layer (group) at a time whatever this says. Each layer is
+            saved, and resumes, on its own.
     """
 
     def __init__(self, model: nn.Module, adapter: ModelAdapter, device: str | torch.device = "cpu",
-                 layer_dir: str | Path | None = None, batch_size: int = 1, matmul_precision: str = "highest"):
+                 layer_dir: str | Path | None = None, batch_size: int = 1, matmul_precision: str = "highest",
+                 concurrent_layers: int = 1):
         if matmul_precision not in MATMUL_PRECISIONS:
             raise ValueError(f"matmul_precision must be one of {MATMUL_PRECISIONS}, got {matmul_precision!r}")
+        if concurrent_layers < 1:
+            raise ValueError(f"concurrent_layers must be >= 1, got {concurrent_layers}")
         self.matmul_precision = matmul_precision
+        self.concurrent_layers = concurrent_layers
         self.model = model
         self.adapter = adapter
         self.device = torch.device(device)
         self.layer_dir = Path(layer_dir) if layer_dir is not None else None
         self.batch_size = batch_size
-        self.group_seconds: list[float] = []  # wall time of each layer group (a layer, unless grouped)
+        self.group_seconds: list[float] = []  # wall time of each layer group (a layer, unless grouped or concurrent)
         self.resumed_layers = 0  # layers reloaded from checkpoints instead of calibrated by this run
 
     def checkpoint_path(self, index: int) -> Path | None:
@@ -246,9 +267,10 @@ class BlockwiseEngine:
         size = method.layers_per_group
         if size < 1:
             raise ValueError(f"layers_per_group must be >= 1, got {size}")
+        window = concurrent_window(method, self.concurrent_layers)
         stream = None
         if method.needs_calibration:
-            storage = self._storage_for(calibration_ids, activation_copies(method))
+            storage = self._storage_for(calibration_ids, activation_copies(method, window))
             stream = capture_layer0_inputs(self.model, self.adapter, calibration_ids, self.device, self.batch_size,
                                            storage)
         fp_inputs = stream.hidden if stream else None
@@ -256,41 +278,50 @@ class BlockwiseEngine:
         kwargs = _move(stream.kwargs, self.device) if stream else {}
         layers = list(self.adapter.layers)
         progress = tqdm(total=len(layers), desc=f"{method.name} layers")
-        for first in range(0, len(layers), size):
-            indices = range(first, min(first + size, len(layers)))
-            # A group resumes only as a whole: its layers are saved after the joint step.
-            resume = all(self._saved(i) for i in indices)
+        span = window if window > 1 else size  # layers walked together: concurrent, or a group
+        for first in range(0, len(layers), span):
+            indices = range(first, min(first + span, len(layers)))
+            # A group resumes only as a whole: its layers are saved after the joint step. Layers calibrated
+            # concurrently are independent: each resumes on its own.
+            saved = [self._saved(i) for i in indices]
+            if window == 1:
+                saved = [all(saved)] * len(saved)
             started = time.perf_counter()
             group_fp_inputs, group_quant_inputs = fp_inputs, quant_inputs
             layer_quant_inputs = quant_inputs is not None and method.layer_reads_quant_inputs
-            for index in indices:
+            pending = []  # (layer, context) of the concurrent layers still to calibrate
+            for index, resume in zip(indices, saved):
                 layer = layers[index]
                 layer.to(self.device)
                 fp_outputs = run_layer_batched(layer, fp_inputs, kwargs, self.device, self.batch_size) if stream else None
                 method.build_layer(index, layer, self.adapter)
                 layer.to(self.device)  # modules created by build_layer start on the CPU
+                ctx = self._context(index, fp_inputs, fp_outputs, quant_inputs if layer_quant_inputs else None, kwargs)
                 if resume:
                     load_layer_state(layer, self.checkpoint_path(index))
+                elif window > 1:
+                    pending.append((layer, ctx))
                 else:
-                    method.calibrate_layer(layer, self._context(index, fp_inputs, fp_outputs,
-                                                                quant_inputs if layer_quant_inputs else None, kwargs))
+                    method.calibrate_layer(layer, ctx)
                 if layer_quant_inputs and not resume and index != indices[-1]:  # next layer of the group
                     quant_inputs = run_layer_batched(layer, quant_inputs, kwargs, self.device, self.batch_size)
                 fp_inputs = fp_outputs
                 progress.update()
+            if pending:
+                method.calibrate_layers(pending)
             group = LayerGroup([layers[i] for i in indices])
-            if not resume:
+            calibrated = [i for i, resume in zip(indices, saved) if not resume]
+            if calibrated and window == 1:
                 method.calibrate_group(group, self._context(first, group_fp_inputs, fp_inputs, group_quant_inputs,
                                                             kwargs))
-                for index in indices:
-                    if self.checkpoint_path(index) is not None:
-                        save_layer_state(layers[index], self.checkpoint_path(index))
+            for index in calibrated:
+                if self.checkpoint_path(index) is not None:
+                    save_layer_state(layers[index], self.checkpoint_path(index))
             if quant_inputs is not None:  # through the group's final layers
                 quant_inputs = run_layer_batched(group, group_quant_inputs, kwargs, self.device, self.batch_size)
             group.to("cpu")  # a copy to the host: the group's GPU work is done when the clock stops
-            if resume:
-                self.resumed_layers += len(indices)
-            else:
+            self.resumed_layers += len(indices) - len(calibrated)
+            if calibrated:
                 self.group_seconds.append(time.perf_counter() - started)
         progress.close()
         self.model.to("cpu")

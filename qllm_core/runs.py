@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from .data import calibration_windows, default_calibration_dataset
-from .engine import BlockwiseEngine, load_layer_state
+from .engine import BlockwiseEngine, concurrent_window, load_layer_state
 from .gpu_monitor import PeakMemory, UtilizationSampler
 from .methods import QuantConfig, make_method
 from .models import LoadedModel, load_model
@@ -35,6 +35,9 @@ class CalibConfig:
     seed: int = 0
     batch_size: int = 1
     matmul_precision: str = "highest"  # the engine's float32 matmul precision on a GPU (BlockwiseEngine)
+    # layers calibrated at once where the method allows (BlockwiseEngine): same results, so not part of a run's
+    # identity (a run may resume with another value); recorded with the run's timings
+    concurrent_layers: int = 1
 
 
 def is_run_dir(path: str | Path) -> bool:
@@ -64,6 +67,7 @@ def quantize_to_run(
         calib = replace(calib, dataset=dataset)
         calib_ids = calibration_windows(loaded.tokenizer, dataset, calib.nsamples, calib.seqlen, calib.seed, data_dir)
         calib_record = asdict(calib)
+        del calib_record["concurrent_layers"]
         if calib.matmul_precision == "highest":  # the default stays out of the record: earlier runs still resume
             del calib_record["matmul_precision"]
     record = {"model": model_spec, "model_name": loaded.name, **qmethod.config(), "calibration": calib_record}
@@ -78,12 +82,13 @@ def quantize_to_run(
     _write_json(existing, {**record, "status": "running"})
     on_gpu = torch.device(device).type == "cuda"
     engine = BlockwiseEngine(loaded.model, loaded.adapter, device, run_dir / "layers", calib.batch_size,
-                             calib.matmul_precision)
+                             calib.matmul_precision, calib.concurrent_layers)
     start = time.time()
     with UtilizationSampler(device) as busy, PeakMemory(device) as peak:
         engine.run(qmethod, calib_ids)
     stats = {"calib_seconds": round(time.time() - start, 2), "device": str(device), "concurrent_jobs": concurrent_jobs,
              "layers_per_group": qmethod.layers_per_group,
+             "concurrent_layers": concurrent_window(qmethod, calib.concurrent_layers),
              "group_seconds": [round(t, 3) for t in engine.group_seconds], "resumed_layers": engine.resumed_layers}
     if on_gpu:
         stats["peak_gpu_mem_gib"] = round(peak.peak / 2**30, 3)

@@ -185,71 +185,133 @@ def train_block(job: BlockTraining, device: torch.device, graph: bool | None = N
                 compile_quantizers: bool = False) -> TrainingStats:
     """Train ``job.param_groups`` (module docstring); parameters are updated in place.
 
-    ``graph``: None means "on CUDA". ``compile_quantizers`` is opt-in (not yet timed on the H100;
-    its first steps pay for compilation). Both need CUDA. A non-finite epoch loss raises
-    FloatingPointError naming ``job.name``.
+    ``graph``: None means "on CUDA". ``compile_quantizers`` is opt-in (its first steps pay for the
+    compilation). Both need CUDA. A non-finite epoch loss raises FloatingPointError naming ``job.name``.
+    """
+    return train_blocks([job], device, graph, compile_quantizers)[0]
+
+
+def train_blocks(jobs: list[BlockTraining], device: torch.device, graph: bool | None = None,
+                 compile_quantizers: bool = False) -> list[TrainingStats]:
+    """Train several independent blocks at once, in lockstep: each job as :func:`train_block` would.
+
+    Blocks that train on their own FP inputs (FlatQuant, methods.md section 2; issue 9: "calibrating several
+    layers at once is allowed and welcome") share nothing, so step ``s`` of every job is issued before step
+    ``s + 1`` of any, each job on its own CUDA stream: the small kernels of a small model's steps (a d = 576
+    step is ~1600 kernels of a few microseconds) run side by side instead of one after the other. Each job's
+    numerics are untouched: its own optimizer, scaler, learning rates and CUDA graph (captured after the
+    ``WARMUP_STEPS`` eager steps of all jobs, which decide the captures' memory headroom together). On the
+    CPU the jobs' steps simply alternate (same results as one job after the other; tested).
+
+    The jobs must have the same epochs and steps per epoch. Every returned ``wall_seconds`` is the wall
+    time of the whole call (shared by the jobs).
     """
     device = torch.device(device)
     cuda = device.type == "cuda"
     graph = cuda if graph is None else graph
     if (graph or compile_quantizers) and not cuda:
         raise ValueError("CUDA graphs and compiled quantizers need a CUDA device")
-    stats = TrainingStats()
-    total = job.epochs * job.steps_per_epoch
-    if total == 0:
-        return stats
+    if len({(job.epochs, job.steps_per_epoch) for job in jobs}) > 1:
+        raise ValueError("blocks trained together need the same epochs and steps per epoch, got "
+                         + ", ".join(f"{j.name}: {j.epochs} x {j.steps_per_epoch}" for j in jobs))
+    if not jobs or jobs[0].epochs * jobs[0].steps_per_epoch == 0:
+        return [TrainingStats() for _ in jobs]
     start = time.perf_counter()
-    step = _Step(job, device)
-    lrs = lr_table([g["lr"] for g in job.param_groups], job.scheduler, total)
-    # CUDA: every step runs on a side stream, as graph capture wants its warm-up steps to.
-    stream = _side_stream(device) if cuda else None
-    if stream is not None:
-        stream.wait_stream(torch.cuda.current_stream(device))
-    static_x = static_t = cuda_graph = None
-    # the eager warm-up steps' peak memory, which decides whether a capture can fit (_try_capture)
+    # CUDA: every job's steps run on a side stream of its own, as graph capture wants its warm-up steps to.
+    lanes = [_Lane(job, device, _side_stream(device, slot) if cuda else None, graph) for slot, job in enumerate(jobs)]
+    # the eager warm-up steps' peak memory (all jobs'), which decides whether a capture can fit (_try_capture)
     warmup = PeakMemory(device) if graph else contextlib.nullcontext()
-    with warmup, torch.enable_grad(), compiled_fake_quant(compile_quantizers), torch.cuda.stream(stream):
-        for batches in _batches(job, device):
-            for index in batches:
-                step.set_lr(lrs[stats.steps])
-                x, target = job.inputs[index], job.targets[index]
-                if cuda_graph is not None and x.shape == static_x.shape:
-                    static_x.copy_(x, non_blocking=True)
-                    static_t.copy_(target, non_blocking=True)
-                    cuda_graph.replay()
-                    stats.graph_steps += 1
-                else:
-                    step.optimizer.zero_grad(set_to_none=True)
-                    step(x.to(device), target.to(device))
-                stats.steps += 1
-                if graph and cuda_graph is None and stats.steps == WARMUP_STEPS:
-                    static_x, static_t = x.to(device, copy=True), target.to(device, copy=True)
+    steps = 0
+    with warmup, torch.enable_grad(), compiled_fake_quant(compile_quantizers):
+        for _ in range(jobs[0].epochs):
+            epoch = [lane.next_epoch() for lane in lanes]  # one list of batches per job
+            for position in range(len(epoch[0])):
+                for lane, batches in zip(lanes, epoch):
+                    lane.run(batches[position])
+                steps += 1
+                if graph and steps == WARMUP_STEPS:
                     step_bytes = warmup.stop() - warmup.base
-                    cuda_graph, stats.graph_error = _try_capture(step, static_x, static_t, step_bytes)
-                    if stats.graph_error:  # a capture records, runs nothing: go on eagerly
-                        graph = False
-                        warnings.warn(f"{job.name}: the training step was not captured in a CUDA graph "
-                                      f"({stats.graph_error}); the remaining steps run eagerly")
-            epoch_loss = step.loss_sum.item() / len(batches)  # the one host sync of an epoch
-            step.loss_sum.zero_()
-            if not math.isfinite(epoch_loss):
-                raise FloatingPointError(f"{job.name}: non-finite loss in epoch {len(stats.epoch_losses)}")
-            stats.epoch_losses.append(epoch_loss)
-    if stream is not None:
-        torch.cuda.current_stream(device).wait_stream(stream)
-    stats.wall_seconds = time.perf_counter() - start
-    return stats
+                    for lane in lanes:
+                        lane.capture(step_bytes)
+            for lane, batches in zip(lanes, epoch):
+                lane.end_epoch(len(batches))
+    for lane in lanes:
+        lane.finish()
+    wall = time.perf_counter() - start
+    for lane in lanes:
+        lane.stats.wall_seconds = wall
+    return [lane.stats for lane in lanes]
 
 
-_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+class _Lane:
+    """One job of :func:`train_blocks`: its step, learning rates, stream and CUDA graph."""
+
+    def __init__(self, job: BlockTraining, device: torch.device, stream: torch.cuda.Stream | None, graph: bool):
+        self.job, self.device, self.stream, self.graph = job, device, stream, graph
+        self.step = _Step(job, device)
+        self.lrs = lr_table([g["lr"] for g in job.param_groups], job.scheduler, job.epochs * job.steps_per_epoch)
+        self.stats = TrainingStats()
+        self.cuda_graph: torch.cuda.CUDAGraph | None = None
+        self.static_x = self.static_t = None
+        self.epochs = _batches(job, device)
+        if stream is not None:
+            stream.wait_stream(torch.cuda.current_stream(device))
+
+    def next_epoch(self) -> list:
+        """The next epoch's batches (made on the job's stream: a shuffled order's index tensor is used there)."""
+        with torch.cuda.stream(self.stream):
+            return next(self.epochs)
+
+    def run(self, index) -> None:
+        """One step on the windows ``index``: the graph's replay once captured, else the eager step."""
+        with torch.cuda.stream(self.stream):
+            self.step.set_lr(self.lrs[self.stats.steps])
+            x, target = self.job.inputs[index], self.job.targets[index]
+            if self.cuda_graph is not None and x.shape == self.static_x.shape:
+                self.static_x.copy_(x, non_blocking=True)
+                self.static_t.copy_(target, non_blocking=True)
+                self.cuda_graph.replay()
+                self.stats.graph_steps += 1
+            else:
+                self.step.optimizer.zero_grad(set_to_none=True)
+                self.step(x.to(self.device), target.to(self.device))
+            if self.graph and self.stats.steps == WARMUP_STEPS - 1:  # the static tensors the capture will use
+                self.static_x, self.static_t = x.to(self.device, copy=True), target.to(self.device, copy=True)
+            self.stats.steps += 1
+
+    def capture(self, step_bytes: int) -> None:
+        """Capture the step (after the warm-up steps); on failure the job goes on eagerly."""
+        with torch.cuda.stream(self.stream):
+            self.cuda_graph, self.stats.graph_error = _try_capture(self.step, self.static_x, self.static_t,
+                                                                   step_bytes)
+        if self.stats.graph_error:  # a capture records, runs nothing: go on eagerly
+            self.graph = False
+            warnings.warn(f"{self.job.name}: the training step was not captured in a CUDA graph "
+                          f"({self.stats.graph_error}); the remaining steps run eagerly")
+
+    def end_epoch(self, steps: int) -> None:
+        """Read the epoch's mean loss (the one host sync of an epoch) and check it is finite."""
+        with torch.cuda.stream(self.stream):
+            epoch_loss = self.step.loss_sum.item() / steps
+            self.step.loss_sum.zero_()
+        if not math.isfinite(epoch_loss):
+            raise FloatingPointError(f"{self.job.name}: non-finite loss in epoch {len(self.stats.epoch_losses)}")
+        self.stats.epoch_losses.append(epoch_loss)
+
+    def finish(self) -> None:
+        if self.stream is not None:
+            torch.cuda.current_stream(self.device).wait_stream(self.stream)
 
 
-def _side_stream(device: torch.device) -> torch.cuda.Stream:
-    """The device's stream for training steps, one for the process: cuBLAS keeps a workspace per stream
-    it has run on (for good), so a new stream per trained block would add one per block."""
-    key = torch.device("cuda", _cuda_index(device))
+_SIDE_STREAMS: dict[tuple[int, int], torch.cuda.Stream] = {}
+
+
+def _side_stream(device: torch.device, slot: int = 0) -> torch.cuda.Stream:
+    """The device's stream number ``slot`` for training steps, kept for the process: cuBLAS keeps a workspace
+    per stream it has run on (for good), so a new stream per trained block would add one per block."""
+    key = (_cuda_index(device), slot)
     if key not in _SIDE_STREAMS:
-        _SIDE_STREAMS[key] = torch.cuda.Stream(key)
+        _SIDE_STREAMS[key] = torch.cuda.Stream(torch.device("cuda", key[0]))
     return _SIDE_STREAMS[key]
 
 

@@ -182,3 +182,42 @@ def test_matmul_precision_is_checked_and_restored(tiny_llama):
     with float32_matmul_precision(None):
         assert torch.get_float32_matmul_precision() == before
     assert torch.get_float32_matmul_precision() == before
+
+
+def _flatquant_run(tiny_llama, concurrent_layers, layer_dir=None, gptq=False):
+    model, adapter = tiny_llama(layers=3)
+    options = {"epochs": 2, "batch_size": 2, **({"weight_quantizer": "gptq"} if gptq else {})}
+    method = make_method("flatquant", QuantConfig(w_bits=4, a_bits=4, kv_bits=4), **options)
+    engine = BlockwiseEngine(model, adapter, layer_dir=layer_dir, concurrent_layers=concurrent_layers)
+    engine.run(method, torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(5)))
+    return model, engine
+
+
+def test_concurrent_layers_calibrate_as_one_at_a_time(tiny_llama, tmp_path):
+    """FlatQuant's layers trained two at a time (train_blocks, steps alternating) end bit-identical to one
+    at a time: each block trains on its own FP inputs. A half-saved window resumes layer by layer."""
+    single, single_engine = _flatquant_run(tiny_llama, 1)
+    paired, paired_engine = _flatquant_run(tiny_llama, 2, tmp_path / "paired")
+    assert len(single_engine.group_seconds) == 3 and len(paired_engine.group_seconds) == 2  # windows [0, 1], [2]
+    for (name, a), (_, b) in zip(single.state_dict().items(), paired.state_dict().items()):
+        assert torch.equal(a, b), name
+    (tmp_path / "paired" / "001.safetensors").unlink()  # as if the run had stopped inside the first window
+    resumed, resumed_engine = _flatquant_run(tiny_llama, 2, tmp_path / "paired")
+    assert resumed_engine.resumed_layers == 2 and len(resumed_engine.group_seconds) == 1
+    for (name, a), (_, b) in zip(single.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_concurrent_layers_only_where_layers_are_independent(tiny_llama):
+    from qllm_core.engine import activation_copies, concurrent_window
+
+    flat = make_method("flatquant", QuantConfig(w_bits=4, a_bits=4))
+    assert concurrent_window(flat, 4) == 4 and activation_copies(flat, 4) == 5
+    # GPTQ weights read the quantized stream; QLLM trains groups of layers jointly: one layer (group) at a time
+    assert concurrent_window(make_method("flatquant", QuantConfig(w_bits=4, a_bits=4), weight_quantizer="gptq"), 4) == 1
+    assert concurrent_window(make_method("qllm", QuantConfig(w_bits=4, a_bits=4)), 4) == 1
+    _, engine = _flatquant_run(tiny_llama, 2, gptq=True)
+    assert len(engine.group_seconds) == 3
+    model, adapter = tiny_llama()
+    with pytest.raises(ValueError, match="concurrent_layers must be >= 1"):
+        BlockwiseEngine(model, adapter, concurrent_layers=0)

@@ -67,3 +67,19 @@ def test_a_non_default_matmul_precision_is_part_of_the_run(tiny_model_dir, data_
     quantize_to_run(str(tiny_model_dir), "smoothquant", QuantConfig(8, 8), tmp_path / "ieee",
                     CalibConfig("ptb", nsamples=2, seqlen=16), data_dir=data_dir)
     assert "matmul_precision" not in load_run(tmp_path / "ieee")[1]["calibration"]
+
+
+def test_concurrent_layers_are_a_timing_not_part_of_the_run(tiny_model_dir, data_dir, tmp_path):
+    """Layers calibrated at once give the same run (tests/test_engine.py): a run made with one value resumes
+    with another, and the timings record the value the engine used (1 for a method that walks groups)."""
+    calib = CalibConfig("ptb", nsamples=2, seqlen=16, concurrent_layers=2)
+    quantize_to_run(str(tiny_model_dir), "flatquant", QuantConfig(4, 4), tmp_path / "flat", calib, data_dir=data_dir,
+                    method_options={"epochs": 1, "batch_size": 1})
+    record = load_run(tmp_path / "flat")[1]
+    assert "concurrent_layers" not in record["calibration"] and record["stats"]["concurrent_layers"] == 2
+    quantize_to_run(str(tiny_model_dir), "flatquant", QuantConfig(4, 4), tmp_path / "flat",
+                    CalibConfig("ptb", nsamples=2, seqlen=16), data_dir=data_dir,
+                    method_options={"epochs": 1, "batch_size": 1})  # the same run: no "holds a different run"
+    quantize_to_run(str(tiny_model_dir), "smoothquant", QuantConfig(8, 8), tmp_path / "smooth", calib,
+                    data_dir=data_dir)
+    assert load_run(tmp_path / "smooth")[1]["stats"]["concurrent_layers"] == 1

@@ -154,6 +154,10 @@ def test_calibration_row_reports_per_layer_time_and_sharing():
     assert calibration_row({}, {"stats": None}) is None  # RTN: nothing calibrated
     resumed = {**record, "stats": {**record["stats"], "resumed_layers": 8}}
     assert calibration_row({}, resumed)["calib_seconds"] == "-"  # only part of the calibration ran here
+    assert row["concurrent_layers"] == 1  # records written before the option
+    windows = {**record, "stats": {**record["stats"], "layers_per_group": 1, "concurrent_layers": 4}}
+    assert calibration_row({}, windows)["seconds_per_layer"] == 3.0  # a timed group: a window of 4 layers
+    assert calibration_row({}, windows)["concurrent_layers"] == 4
 
 
 def test_prequantize_set_overrides_one_methods_option():

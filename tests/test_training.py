@@ -29,7 +29,7 @@ import qllm_core.methods.qllm as qllm_module
 from qllm_core.adapters import ModelAdapter
 from qllm_core.engine import BlockwiseEngine, call_layer
 from qllm_core.methods import QuantConfig, make_method
-from qllm_core.training import WARMUP_STEPS, BlockTraining, TrainingStats, lr_table, train_block
+from qllm_core.training import WARMUP_STEPS, BlockTraining, TrainingStats, lr_table, train_block, train_blocks
 from qllm_core.transforms.learnable import LayerFactors, LearnableFactor, cayley, random_orthogonal
 
 from .conftest import make_tiny_llama
@@ -160,6 +160,14 @@ def test_train_block_equals_the_plain_loop(monkeypatch, module, name, quant, opt
         assert max((a - b).abs().max() for a, b in zip(fast_params, start)) > 1e-4
 
 
+def test_blocks_trained_together_need_the_same_schedule():
+    def job(name, epochs):
+        return BlockTraining(name=name, module=nn.Identity(), kwargs={}, param_groups=[], inputs=torch.zeros(4, 1, 1),
+                             targets=torch.zeros(4, 1, 1), epochs=epochs, batch_size=2)
+    with pytest.raises(ValueError, match="same epochs and steps per epoch, got a: 2 x 2, b: 3 x 2"):
+        train_blocks([job("a", 2), job("b", 3)], "cpu")
+
+
 def test_train_block_refuses_graphs_without_cuda():
     job = BlockTraining(name="x", module=nn.Identity(), kwargs={}, param_groups=[], inputs=torch.zeros(1, 1, 1),
                         targets=torch.zeros(1, 1, 1), epochs=1, batch_size=1)
@@ -205,6 +213,42 @@ def test_graph_step_equals_eager_cuda_step(monkeypatch, module, name, quant, opt
             scale = b.abs().max().clamp(min=1e-3)
             assert (a - b).abs().max() <= 2e-3 * scale, f"{name}: {(a - b).abs().max()} vs scale {scale}"
     assert not math.isnan(stats[0].epoch_losses[-1])
+
+
+@cuda
+@pytest.mark.gpu
+def test_concurrent_flatquant_layers_equal_one_at_a_time_on_cuda(monkeypatch):
+    """Three FlatQuant layers trained together (train_blocks: one CUDA stream and graph each, steps issued in
+    lockstep) end with the parameters of one layer at a time (train_block), to the graph test's tolerance."""
+    quant, options = QuantConfig(w_bits=4, a_bits=4, kv_bits=4), {"epochs": 2, "batch_size": 2}
+
+    def trained(concurrent_layers):
+        snapshots, stats = [], []
+
+        def spy_blocks(jobs, device, **trainer):
+            result = train_blocks(jobs, device, **trainer)
+            stats.extend(result)
+            snapshots.extend(_params(job) for job in jobs)
+            return result
+
+        def spy_block(job, device, **trainer):
+            return spy_blocks([job], device, **trainer)[0]
+        monkeypatch.setattr(flatquant_module, "train_blocks", spy_blocks)
+        monkeypatch.setattr(flatquant_module, "train_block", spy_block)
+        model = make_tiny_llama(hidden=128, intermediate=256, heads=4, kv_heads=2, layers=3)
+        ids = torch.randint(0, 128, (8, 64), generator=torch.Generator().manual_seed(3))
+        engine = BlockwiseEngine(model, ModelAdapter(model), "cuda", concurrent_layers=concurrent_layers)
+        engine.run(make_method("flatquant", quant, **options), ids)
+        return snapshots, stats, engine
+
+    single, _, _ = trained(1)
+    together, stats, engine = trained(3)
+    assert len(engine.group_seconds) == 1 and len(together) == len(single) == 3
+    assert all(s.graph_steps == s.steps - WARMUP_STEPS for s in stats)
+    for fast_params, one_params in zip(together, single):
+        for a, b in zip(fast_params, one_params):
+            scale = b.abs().max().clamp(min=1e-3)
+            assert (a - b).abs().max() <= 2e-3 * scale, f"{(a - b).abs().max()} vs scale {scale}"
 
 
 def _eager_and_compiled(quantizer, x, probe, dtype, quantize) -> list[tuple]:

@@ -89,6 +89,9 @@ class QuantMethod:
     tracks_quant_inputs: ClassVar[bool] = False
     layer_reads_quant_inputs: ClassVar[bool] = True  # see qllm_core.engine.LayerMethod
     layers_per_group: int = 1  # see calibrate_group
+    # calibrate_layer reads nothing but the layer and its FP inputs/outputs: several layers may be calibrated at
+    # once (calibrate_layers; the engine's concurrent_layers)
+    independent_layers: bool = False
 
     def __init__(self, quant: QuantConfig, **options):
         self.quant = quant
@@ -119,6 +122,11 @@ class QuantMethod:
     def calibrate_layer(self, layer: nn.Module, ctx: LayerContext | None) -> None:
         for qlinear in quant_linears(layer).values():
             qlinear.freeze_weight()
+
+    def calibrate_layers(self, layers: list[tuple[nn.Module, LayerContext]]) -> None:
+        """Calibrate several independent layers (``independent_layers``); one after the other here."""
+        for layer, ctx in layers:
+            self.calibrate_layer(layer, ctx)
 
     def calibrate_group(self, group: LayerGroup, ctx: LayerContext | None) -> None:
         """Joint step over ``layers_per_group`` calibrated layers (QLLM's error correction); none here."""

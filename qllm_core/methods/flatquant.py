@@ -14,8 +14,9 @@ Weights get P⁻ᵀ (and the scale) merged; activations are transformed online a
 (learnable clipping: LWC per output channel for weights, LAC one logit per activation quantizer,
 also used for the K/V quantizers as in the official code's ``--lac``).
 
-Calibration (``calibrate_layer``): each block is trained on the FP block inputs ``ctx.fp_inputs``
-with the FP block outputs as targets, MSE loss normalised as loss / loss.detach() (methods.md),
+Calibration (``calibrate_layer``; ``calibrate_layers`` trains several at once): each block is trained on the
+FP block inputs ``ctx.fp_inputs`` with the FP block outputs as targets, MSE loss normalised as
+loss / loss.detach() (methods.md),
 AdamW with ``flat_lr`` for transforms and scales and 10x for clipping logits, cosine decay to
 ``flat_lr``·1e-3 over epochs·(nsamples // batch_size) steps, autocast (fp16 by default, as the paper
 does for LLaMA) on CUDA and fp32 on CPU. The per-channel scale is initialised SmoothQuant-style
@@ -33,6 +34,8 @@ calibration) and raises.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -44,7 +47,7 @@ from ..calib_stats import input_channel_absmax
 from ..engine import LayerContext
 from ..quant import OFF_BITS, QuantLinear, Quantizer, quantizers_off
 from ..transforms.kronecker import KroneckerTransform, factor_sizes, inverse_transpose
-from ..training import BlockTraining, resolve_amp_dtype, train_block
+from ..training import BlockTraining, resolve_amp_dtype, train_block, train_blocks
 from ..transforms.learnable import HeadOutputTransform, LayerFactors, LearnableFactor, LearnableKronecker
 from .base import QuantMethod, quant_linears, resolve_options
 
@@ -130,6 +133,19 @@ def _clip_logits(layer: nn.Module) -> list[nn.Parameter]:
             for p in (m.clip_max_logit, m.clip_min_logit) if p is not None]
 
 
+@dataclass
+class _LayerCalibration:
+    """One layer between :meth:`FlatQuantMethod._begin` and :meth:`FlatQuantMethod._finish`."""
+
+    layer: nn.Module
+    ctx: LayerContext
+    linears: dict[str, QuantLinear]
+    hook: FlatQuantKVHook | None
+    trans: LayerTransforms
+    frozen: dict[str, nn.Module]
+    job: BlockTraining | None
+
+
 class FlatQuantMethod(QuantMethod):
     """FlatQuant W/A/KV quantization (module docstring). Options: see :data:`DEFAULTS`."""
 
@@ -145,8 +161,10 @@ class FlatQuantMethod(QuantMethod):
         resolve_amp_dtype("FlatQuant", self.settings["amp_dtype"])  # a clear error for an unknown name
         if self.settings["batch_size"] < 1 or self.settings["epochs"] < 0:
             raise ValueError("batch_size must be >= 1 and epochs >= 0")
-        # GPTQ wants Hessians of the inputs the quantized model actually sees.
+        # GPTQ wants Hessians of the inputs the quantized model actually sees; without it each block trains on
+        # its own FP inputs and targets alone, so layers may calibrate concurrently.
         self.tracks_quant_inputs = self.settings["weight_quantizer"] == "gptq"
+        self.independent_layers = not self.tracks_quant_inputs
 
     # -- structure (deterministic; recreated when a run is loaded) --------------------------------
     def prepare_model(self, model: nn.Module, adapter: ModelAdapter) -> None:
@@ -180,6 +198,24 @@ class FlatQuantMethod(QuantMethod):
 
     # -- calibration ---------------------------------------------------------------------------
     def calibrate_layer(self, layer: nn.Module, ctx: LayerContext | None) -> None:
+        calibration = self._begin(layer, ctx)
+        if calibration.job is not None:
+            self.train_stats = train_block(calibration.job, ctx.device, **self.trainer)
+        self._finish(calibration)
+
+    def calibrate_layers(self, layers: list[tuple[nn.Module, LayerContext]]) -> None:
+        """Train the layers' transforms together (:func:`~qllm_core.training.train_blocks`): each block trains on
+        its own FP inputs and targets, so the layers are independent (with GPTQ weights they are not:
+        ``independent_layers`` is off then)."""
+        calibrations = [self._begin(layer, ctx) for layer, ctx in layers]
+        jobs = [c.job for c in calibrations if c.job is not None]
+        if jobs:
+            self.train_stats = train_blocks(jobs, layers[0][1].device, **self.trainer)[-1]
+        for calibration in calibrations:
+            self._finish(calibration)
+
+    def _begin(self, layer: nn.Module, ctx: LayerContext | None) -> _LayerCalibration:
+        """Initial scales, learnable transforms swapped in, the training job (None when nothing trains)."""
         if ctx is None:
             raise ValueError("FlatQuant needs calibration data (ctx is None)")
         adapter, device = ctx.adapter, ctx.device
@@ -192,11 +228,18 @@ class FlatQuantMethod(QuantMethod):
         trans = LayerTransforms(adapter, self._initial_scales(layer, ctx, linears), hook is not None, generator,
                                 self.settings["direct_inv"]).to(device)
         frozen = self._attach(layer, linears, hook, trans)
-        self._train(layer, ctx, trans)
-        self._materialise(layer, adapter, linears, hook, trans, frozen)
+        return _LayerCalibration(layer, ctx, linears, hook, trans, frozen, self._job(layer, ctx, trans))
+
+    def _finish(self, c: _LayerCalibration) -> None:
+        """After training: gradients off, transforms materialised into the frozen form, weights quantized."""
+        if c.job is not None:
+            for group in c.job.param_groups:
+                for p in group["params"]:
+                    p.requires_grad_(False)
+        self._materialise(c.layer, c.ctx.adapter, c.linears, c.hook, c.trans, c.frozen)
         if self.settings["weight_quantizer"] == "gptq":
-            gptq_quantize_layer(layer, ctx)
-        for qlinear in quant_linears(layer).values():
+            gptq_quantize_layer(c.layer, c.ctx)
+        for qlinear in quant_linears(c.layer).values():
             qlinear.freeze_weight()
 
     @torch.no_grad()
@@ -222,7 +265,8 @@ class FlatQuantMethod(QuantMethod):
             hook.learnable = trans.k
         return frozen
 
-    def _train(self, layer: nn.Module, ctx: LayerContext, trans: LayerTransforms) -> None:
+    def _job(self, layer: nn.Module, ctx: LayerContext, trans: LayerTransforms) -> BlockTraining | None:
+        """The layer's training (parameters switched to trainable), or None when nothing is trained."""
         s = self.settings
         bsz = min(s["batch_size"], ctx.fp_inputs.shape[0])
         groups = []
@@ -235,21 +279,18 @@ class FlatQuantMethod(QuantMethod):
         if clips:
             groups.append({"params": clips, "lr": s["flat_lr"] * s["clip_lr_mult"]})
         if not groups:
-            return
-        trained = [p for g in groups for p in g["params"]]
+            return None
         trans.requires_grad_(False)  # untrained parts (cali_trans off) need no gradients
-        for p in trained:
-            p.requires_grad_(True)
-        job = BlockTraining(
+        for group in groups:
+            for p in group["params"]:
+                p.requires_grad_(True)
+        return BlockTraining(
             name=f"FlatQuant layer {ctx.index}", module=layer, kwargs=ctx.layer_kwargs, param_groups=groups,
             inputs=ctx.fp_inputs, targets=ctx.fp_outputs, epochs=s["epochs"], batch_size=bsz, drop_last=True,
             scheduler=lambda opt, total: torch.optim.lr_scheduler.CosineAnnealingLR(
                 opt, T_max=total, eta_min=s["flat_lr"] * 1e-3),
             amp_dtype=resolve_amp_dtype("FlatQuant", s["amp_dtype"]), normalise_loss=True,
             forward_context=LayerFactors(trans).cached)  # each Cayley factor once per step, batched
-        self.train_stats = train_block(job, ctx.device, **self.trainer)
-        for p in trained:
-            p.requires_grad_(False)
 
     @staticmethod
     @torch.no_grad()
