@@ -61,7 +61,8 @@ def pending(experiments: list[Experiment], run_root: Path, evaluate: bool) -> li
 
 
 def _work(slots, profile_name: str, model: str | None, device: str | None, exp: Experiment, run_root: str, data_dir,
-          jobs: int, threads: int, evaluate: bool, zeroshot_batch: int | None, tables: Path, concurrent_layers: int):
+          jobs: int, threads: int, evaluate: bool, zeroshot_batch: int | None, tables: Path,
+          concurrent_layers: int | None):
     gpu = slots.get()  # a free GPU slot (gpu_slots), pinned before CUDA is initialised in this fresh process
     try:
         if gpu is not None:
@@ -73,16 +74,19 @@ def _work(slots, profile_name: str, model: str | None, device: str | None, exp: 
 
 
 def _run(profile_name: str, model: str | None, device: str | None, exp: Experiment, run_root: str, data_dir,
-         jobs: int, threads: int, evaluate: bool, zeroshot_batch: int | None, tables: Path, concurrent_layers: int = 1):
+         jobs: int, threads: int, evaluate: bool, zeroshot_batch: int | None, tables: Path,
+         concurrent_layers: int | None = None):
     """Make (and evaluate) one run: ``(exp, took)``. Evaluating, the rows go into the ``tables`` as they
     come — perplexity and calibration when the perplexities are in, zero-shot after each task — so a
     run stopped part-way keeps what it finished. ``zeroshot_batch``: lm-eval's batch size, or None for
-    no zero-shot evaluation. ``concurrent_layers``: the engine's (qllm_core.engine.BlockwiseEngine)."""
+    no zero-shot evaluation. ``concurrent_layers``: the engine's (qllm_core.engine.BlockwiseEngine), None for
+    the profile's."""
     import torch
 
     torch.set_num_threads(threads)
     profile = get_profile(profile_name, model=model, device=device)
-    profile = replace(profile, calib=replace(profile.calib, concurrent_layers=concurrent_layers))
+    if concurrent_layers is not None:
+        profile = replace(profile, calib=replace(profile.calib, concurrent_layers=concurrent_layers))
     start = time.time()
     if not evaluate:
         ensure_run(profile.model, exp, Path(run_root) / exp.slug(), profile.calib, profile.device, data_dir, jobs)
@@ -122,12 +126,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="METHOD.OPTION=JSON",
                         help="override a method option for this call's runs (their run directories differ), "
                              "e.g. qllm.epochs=1")
-    parser.add_argument("--concurrent-layers", type=int, default=1,
-                        help="layers a run calibrates at once where its method allows (FlatQuant with RTN weights); "
-                             "same results, in the calibration table's concurrent_layers column")
+    parser.add_argument("--concurrent-layers", type=int, default=None,
+                        help="layers a run calibrates at once where its method allows (FlatQuant with RTN weights; "
+                             "default: the profile's); same results, in the calibration table's concurrent_layers column")
     parser.add_argument("--reports-dir", default=str(REPORTS))
     args = parser.parse_args(argv)
-    if args.jobs_per_gpu < 1 or args.concurrent_layers < 1:
+    if args.jobs_per_gpu < 1 or (args.concurrent_layers is not None and args.concurrent_layers < 1):
         raise SystemExit("--jobs-per-gpu and --concurrent-layers must be >= 1")
     if args.zeroshot and not args.evaluate:
         raise SystemExit("--zeroshot needs --evaluate (it evaluates the runs)")

@@ -18,7 +18,9 @@ host syncs set the pace. :func:`train_block` runs the same loop with
 * the quantized input of the linears reading one tensor (q/k/v, gate/up) computed once per step
   (:func:`~qllm_core.quant.qlinear.shared_inputs`), as the official codes apply one transform and
   one activation quantizer per tensor;
-* optionally on CUDA, fake quantizers compiled (:func:`~qllm_core.quant.compiled_fake_quant`).
+* optionally on CUDA, fake quantizers compiled (:func:`~qllm_core.quant.compiled_fake_quant`);
+* for blocks that are independent (FlatQuant's layers, each on its own FP inputs), several at once
+  (:func:`train_blocks`): their steps issued in lockstep, each block on a CUDA stream of its own.
 
 The numerics are the method's: same loss, optimizer, schedule, epochs and autocast. On the CPU the
 loop is the plain eager one (tests compare it with a straightforward reference loop); on CUDA the

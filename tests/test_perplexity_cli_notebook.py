@@ -89,6 +89,8 @@ def test_prequantize_makes_the_runs_the_notebook_reuses(tiny_model_dir, data_dir
     assert one.returncode == 0 and one.stdout.startswith("1 runs to make"), one.stderr
     unknown = subprocess.run(args + ["--only-runs", "rtn-W3A3-x"], cwd=REPO, env=env, capture_output=True, text=True)
     assert unknown.returncode != 0 and "no run ['rtn-W3A3-x'] in the core grid" in unknown.stderr
+    none_at_once = subprocess.run(args + ["--concurrent-layers", "0"], cwd=REPO, env=env, capture_output=True, text=True)
+    assert none_at_once.returncode != 0 and "--concurrent-layers must be >= 1" in none_at_once.stderr
 
     # --evaluate: every run evaluated (stored in the run directories), rows merged into the tables
     reports = tmp_path / "reports"
