@@ -234,6 +234,11 @@ class BlockwiseEngine:
         self.layer_dir = Path(layer_dir) if layer_dir is not None else None
         self.batch_size = batch_size
         self.group_seconds: list[float] = []  # wall time of each layer group (a layer, unless grouped or concurrent)
+        # where the run's wall time went, summed over the layers: layer0_inputs, to_device, fp_outputs (the FP
+        # pass), build, resume (checkpoint loads), calibrate (calibrate_layer / calibrate_layers), calibrate_group,
+        # quant_inputs, save, to_host; on a GPU each phase ends with a synchronisation, so its asynchronous work
+        # is counted in it
+        self.phase_seconds: dict[str, float] = {}
         self.resumed_layers = 0  # layers reloaded from checkpoints instead of calibrated by this run
 
     def checkpoint_path(self, index: int) -> Path | None:
@@ -247,6 +252,17 @@ class BlockwiseEngine:
         if fp_inputs is None:  # a method without calibration data
             return None
         return LayerContext(index, fp_inputs, fp_outputs, quant_inputs, kwargs, self.device, self.adapter)
+
+    @contextlib.contextmanager
+    def _phase(self, name: str):
+        """Add the block's wall time to ``phase_seconds[name]`` (after a GPU synchronisation)."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.phase_seconds[name] = self.phase_seconds.get(name, 0.0) + time.perf_counter() - start
 
     def _storage_for(self, calibration_ids: torch.Tensor, copies: int) -> torch.device:
         """:func:`activation_storage` for ``copies`` activation tensors of these calibration windows."""
@@ -271,8 +287,9 @@ class BlockwiseEngine:
         stream = None
         if method.needs_calibration:
             storage = self._storage_for(calibration_ids, activation_copies(method, window))
-            stream = capture_layer0_inputs(self.model, self.adapter, calibration_ids, self.device, self.batch_size,
-                                           storage)
+            with self._phase("layer0_inputs"):
+                stream = capture_layer0_inputs(self.model, self.adapter, calibration_ids, self.device,
+                                               self.batch_size, storage)
         fp_inputs = stream.hidden if stream else None
         quant_inputs = fp_inputs if (stream and method.tracks_quant_inputs) else None
         kwargs = _move(stream.kwargs, self.device) if stream else {}
@@ -292,34 +309,46 @@ class BlockwiseEngine:
             pending = []  # (layer, context) of the concurrent layers still to calibrate
             for index, resume in zip(indices, saved):
                 layer = layers[index]
-                layer.to(self.device)
-                fp_outputs = run_layer_batched(layer, fp_inputs, kwargs, self.device, self.batch_size) if stream else None
-                method.build_layer(index, layer, self.adapter)
-                layer.to(self.device)  # modules created by build_layer start on the CPU
+                with self._phase("to_device"):
+                    layer.to(self.device)
+                with self._phase("fp_outputs"):
+                    fp_outputs = (run_layer_batched(layer, fp_inputs, kwargs, self.device, self.batch_size)
+                                  if stream else None)
+                with self._phase("build"):
+                    method.build_layer(index, layer, self.adapter)
+                    layer.to(self.device)  # modules created by build_layer start on the CPU
                 ctx = self._context(index, fp_inputs, fp_outputs, quant_inputs if layer_quant_inputs else None, kwargs)
                 if resume:
-                    load_layer_state(layer, self.checkpoint_path(index))
+                    with self._phase("resume"):
+                        load_layer_state(layer, self.checkpoint_path(index))
                 elif window > 1:
                     pending.append((layer, ctx))
                 else:
-                    method.calibrate_layer(layer, ctx)
+                    with self._phase("calibrate"):
+                        method.calibrate_layer(layer, ctx)
                 if layer_quant_inputs and not resume and index != indices[-1]:  # next layer of the group
-                    quant_inputs = run_layer_batched(layer, quant_inputs, kwargs, self.device, self.batch_size)
+                    with self._phase("quant_inputs"):
+                        quant_inputs = run_layer_batched(layer, quant_inputs, kwargs, self.device, self.batch_size)
                 fp_inputs = fp_outputs
                 progress.update()
             if pending:
-                method.calibrate_layers(pending)
+                with self._phase("calibrate"):
+                    method.calibrate_layers(pending)
             group = LayerGroup([layers[i] for i in indices])
             calibrated = [i for i, resume in zip(indices, saved) if not resume]
             if calibrated and window == 1:
-                method.calibrate_group(group, self._context(first, group_fp_inputs, fp_inputs, group_quant_inputs,
-                                                            kwargs))
-            for index in calibrated:
-                if self.checkpoint_path(index) is not None:
-                    save_layer_state(layers[index], self.checkpoint_path(index))
+                with self._phase("calibrate_group"):
+                    method.calibrate_group(group, self._context(first, group_fp_inputs, fp_inputs, group_quant_inputs,
+                                                                kwargs))
+            with self._phase("save"):
+                for index in calibrated:
+                    if self.checkpoint_path(index) is not None:
+                        save_layer_state(layers[index], self.checkpoint_path(index))
             if quant_inputs is not None:  # through the group's final layers
-                quant_inputs = run_layer_batched(group, group_quant_inputs, kwargs, self.device, self.batch_size)
-            group.to("cpu")  # a copy to the host: the group's GPU work is done when the clock stops
+                with self._phase("quant_inputs"):
+                    quant_inputs = run_layer_batched(group, group_quant_inputs, kwargs, self.device, self.batch_size)
+            with self._phase("to_host"):
+                group.to("cpu")  # a copy to the host: the group's GPU work is done when the clock stops
             self.resumed_layers += len(indices) - len(calibrated)
             if calibrated:
                 self.group_seconds.append(time.perf_counter() - started)

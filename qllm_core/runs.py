@@ -89,7 +89,8 @@ def quantize_to_run(
     stats = {"calib_seconds": round(time.time() - start, 2), "device": str(device), "concurrent_jobs": concurrent_jobs,
              "layers_per_group": qmethod.layers_per_group,
              "concurrent_layers": concurrent_window(qmethod, calib.concurrent_layers),
-             "group_seconds": [round(t, 3) for t in engine.group_seconds], "resumed_layers": engine.resumed_layers}
+             "group_seconds": [round(t, 3) for t in engine.group_seconds], "resumed_layers": engine.resumed_layers,
+             "phase_seconds": {name: round(t, 3) for name, t in engine.phase_seconds.items()}}
     if on_gpu:
         stats["peak_gpu_mem_gib"] = round(peak.peak / 2**30, 3)
         stats["gpu_busy_share"] = None if busy.mean is None else round(busy.mean, 3)

@@ -221,3 +221,16 @@ def test_concurrent_layers_only_where_layers_are_independent(tiny_llama):
     model, adapter = tiny_llama()
     with pytest.raises(ValueError, match="concurrent_layers must be >= 1"):
         BlockwiseEngine(model, adapter, concurrent_layers=0)
+
+
+def test_phase_seconds_say_where_the_time_went(tiny_llama, tmp_path):
+    """The engine's wall-time breakdown: every phase a FlatQuant run goes through, the calibration inside it,
+    and nothing counted twice (the phases add up to no more than the run)."""
+    import time
+
+    start = time.perf_counter()
+    _, engine = _flatquant_run(tiny_llama, 2, tmp_path)
+    wall = time.perf_counter() - start
+    phases = engine.phase_seconds
+    assert set(phases) == {"layer0_inputs", "to_device", "fp_outputs", "build", "calibrate", "save", "to_host"}
+    assert phases["calibrate"] == max(phases.values()) and sum(phases.values()) <= wall
