@@ -20,7 +20,8 @@ GPU work; ``reports/bench/gpu_session_2xH200.json``).
 
 ``--jobs-per-gpu`` runs share each GPU, and every run records that number (``jobs`` in the
 calibration table), because the wall time of a run includes the sharing. Every run gets a fresh
-worker process (its peak GPU memory is its own) that takes a free GPU slot and gives it back. With the fast training loop (qllm_core.training) a run keeps one GPU busy, so
+process (its peak GPU memory is its own) that takes a free GPU slot and gives it back
+(:mod:`eval.isolated`). With the fast training loop (qllm_core.training) a run keeps one GPU busy, so
 ``--jobs-per-gpu 1`` gives each run a GPU of its own and the timings of a run alone.
 """
 from __future__ import annotations
@@ -31,7 +32,6 @@ import multiprocessing
 import os
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import replace
 from pathlib import Path
 
@@ -41,6 +41,7 @@ from qllm_core.models import display_name
 from qllm_core.runs import is_run_dir, read_run
 
 from .experiments import FP_METHOD, Experiment, ensure_run, experiment_rows
+from .isolated import run_isolated
 from .profiles import get_profile
 from .reports import CALIBRATION_COLUMNS, CALIBRATION_KEYS, PERPLEXITY_COLUMNS, ZEROSHOT_COLUMNS, upsert_rows
 from .zeroshot import TASKS, experiment_zero_shot
@@ -58,19 +59,6 @@ def pending(experiments: list[Experiment], run_root: Path, evaluate: bool) -> li
         return e.method == FP_METHOD or (is_run_dir(run_dir) and read_run(run_dir).get("status") == "complete")
     todo = [e for e in experiments if evaluate or not done(e)]
     return sorted(todo, key=lambda e: _COST.get(e.method, len(_COST)))
-
-
-def _work(slots, profile_name: str, model: str | None, device: str | None, exp: Experiment, run_root: str, data_dir,
-          jobs: int, threads: int, evaluate: bool, zeroshot_batch: int | None, tables: Path,
-          concurrent_layers: int | None):
-    gpu = slots.get()  # a free GPU slot (gpu_slots), pinned before CUDA is initialised in this fresh process
-    try:
-        if gpu is not None:
-            os.environ["CUDA_VISIBLE_DEVICES"] = gpu
-        return _run(profile_name, model, device, exp, run_root, data_dir, jobs, threads, evaluate, zeroshot_batch,
-                    tables, concurrent_layers)
-    finally:
-        slots.put(gpu)
 
 
 def _run(profile_name: str, model: str | None, device: str | None, exp: Experiment, run_root: str, data_dir,
@@ -155,25 +143,19 @@ def main(argv: list[str] | None = None) -> int:
     threads = max(1, len(os.sched_getaffinity(0)) // workers)
     print(f"{len(todo)} runs to make with {workers} workers on {gpus or 'no'} GPU(s) "
           f"({args.jobs_per_gpu} per device, {threads} CPU threads each)", flush=True)
-    context = multiprocessing.get_context("spawn")  # CUDA cannot be shared with forked workers
-    manager = context.Manager()
-    slots = manager.Queue()
-    for device in gpu_slots(workers, gpus, os.environ.get("CUDA_VISIBLE_DEVICES")):
-        slots.put(device)
+    slots = gpu_slots(workers, gpus, os.environ.get("CUDA_VISIBLE_DEVICES"))
+    calls = [(args.profile, args.model, args.device, e, args.run_root, args.data_dir, args.jobs_per_gpu, threads,
+              args.evaluate, args.zeroshot_batch_size if args.zeroshot else None, tables, args.concurrent_layers)
+             for e in todo]
     failures = 0
-    with manager, ProcessPoolExecutor(workers, mp_context=context, max_tasks_per_child=1) as pool:
-        futures = {pool.submit(_work, slots, args.profile, args.model, args.device, e, args.run_root, args.data_dir,
-                               args.jobs_per_gpu, threads, args.evaluate,
-                               args.zeroshot_batch_size if args.zeroshot else None, tables,
-                               args.concurrent_layers): e for e in todo}
-        for future in as_completed(futures):
-            try:
-                exp, took = future.result()
-            except Exception as err:  # report every failed run, keep the others going
-                failures += 1
-                print(f"{futures[future].slug()}: FAILED: {err!r}", file=sys.stderr, flush=True)
-                continue
-            print(f"{exp.slug()}: {took}", flush=True)
+    # a fresh process per run (CUDA cannot be shared with forked workers: spawn)
+    for index, result, error in run_isolated(_run, calls, slots, multiprocessing.get_context("spawn")):
+        if error is not None:  # report every failed run, keep the others going
+            failures += 1
+            print(f"{todo[index].slug()}: FAILED: {error!r}", file=sys.stderr, flush=True)
+            continue
+        exp, took = result
+        print(f"{exp.slug()}: {took}", flush=True)
     return 1 if failures else 0
 
 
