@@ -28,7 +28,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .adapters import ModelAdapter
-from .gpu_monitor import free_gpu_bytes
+from .gpu_monitor import free_gpu_bytes, timed
 
 
 class _StopForward(Exception):
@@ -253,16 +253,9 @@ class BlockwiseEngine:
             return None
         return LayerContext(index, fp_inputs, fp_outputs, quant_inputs, kwargs, self.device, self.adapter)
 
-    @contextlib.contextmanager
     def _phase(self, name: str):
-        """Add the block's wall time to ``phase_seconds[name]`` (after a GPU synchronisation)."""
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            self.phase_seconds[name] = self.phase_seconds.get(name, 0.0) + time.perf_counter() - start
+        """Count the block's wall time in ``phase_seconds[name]``."""
+        return timed(self.phase_seconds, name, self.device)
 
     def _storage_for(self, calibration_ids: torch.Tensor, copies: int) -> torch.device:
         """:func:`activation_storage` for ``copies`` activation tensors of these calibration windows."""

@@ -1,5 +1,6 @@
 """How busy the GPU was during a piece of work (NVML utilization, sampled in the background), its peak
-memory (:class:`PeakMemory`) and the memory still free for it (:func:`free_gpu_bytes`).
+memory (:class:`PeakMemory`), the memory still free for it (:func:`free_gpu_bytes`) and where its wall time
+went (:func:`timed`).
 
 NVML's utilization is the share of the last sample period (1/6 s to 1 s, by GPU) in which one or
 more kernels ran, for the whole device (other processes' kernels count too: a run sharing the GPU
@@ -8,8 +9,10 @@ near 1 when the GPU, not Python, sets the pace. Without NVML bindings (``pynvml`
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import threading
+import time
 
 import torch
 
@@ -104,3 +107,17 @@ def free_gpu_bytes(device: torch.device | str) -> int:
     torch.cuda.synchronize(device)
     torch.cuda.empty_cache()
     return torch.cuda.mem_get_info(torch.device(device))[0]
+
+
+@contextlib.contextmanager
+def timed(seconds: dict[str, float], name: str, device: torch.device | str):
+    """Add the block's wall time to ``seconds[name]``; on a GPU after a synchronisation, so the block's
+    asynchronous work is counted in it, not in whatever synchronises next."""
+    device = torch.device(device)
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - start

@@ -90,12 +90,18 @@ def quantize_to_run(
              "layers_per_group": qmethod.layers_per_group,
              "concurrent_layers": concurrent_window(qmethod, calib.concurrent_layers),
              "group_seconds": [round(t, 3) for t in engine.group_seconds], "resumed_layers": engine.resumed_layers,
-             "phase_seconds": {name: round(t, 3) for name, t in engine.phase_seconds.items()}}
+             "phase_seconds": _rounded(engine.phase_seconds)}
+    if getattr(qmethod, "phase_seconds", None):  # the method's own breakdown of its calibrate phase (FlatQuant)
+        stats["method_phase_seconds"] = _rounded(qmethod.phase_seconds)
     if on_gpu:
         stats["peak_gpu_mem_gib"] = round(peak.peak / 2**30, 3)
         stats["gpu_busy_share"] = None if busy.mean is None else round(busy.mean, 3)
     _write_json(existing, {**record, "status": "complete", "stats": stats})
     return loaded
+
+
+def _rounded(seconds: dict[str, float]) -> dict[str, float]:
+    return {name: round(value, 3) for name, value in seconds.items()}
 
 
 def read_run(run_dir: str | Path) -> dict:

@@ -69,6 +69,7 @@ class TrainingStats:
     wall_seconds: float = 0.0
     graph_steps: int = 0  # steps replayed from the CUDA graph
     graph_error: str | None = None  # why the step could not be captured (then every step ran eagerly)
+    capture_seconds: float = 0.0  # wall time of the capture (with torch's and the headroom check's cache clean-ups)
 
 
 @dataclass
@@ -283,9 +284,11 @@ class _Lane:
 
     def capture(self, step_bytes: int) -> None:
         """Capture the step (after the warm-up steps); on failure the job goes on eagerly."""
+        start = time.perf_counter()
         with torch.cuda.stream(self.stream):
             self.cuda_graph, self.stats.graph_error = _try_capture(self.step, self.static_x, self.static_t,
                                                                    step_bytes)
+        self.stats.capture_seconds = time.perf_counter() - start
         if self.stats.graph_error:  # a capture records, runs nothing: go on eagerly
             self.graph = False
             warnings.warn(f"{self.job.name}: the training step was not captured in a CUDA graph "

@@ -78,6 +78,9 @@ def test_concurrent_layers_are_a_timing_not_part_of_the_run(tiny_model_dir, data
     record = load_run(tmp_path / "flat")[1]
     assert "concurrent_layers" not in record["calibration"] and record["stats"]["concurrent_layers"] == 2
     assert record["stats"]["phase_seconds"]["calibrate"] > 0  # the engine's breakdown, kept with the run
+    method_phases = record["stats"]["method_phase_seconds"]  # and FlatQuant's of its calibrate phase
+    assert set(method_phases) == {"setup", "train", "capture", "finish"} and method_phases["capture"] == 0  # CPU
+    assert sum(method_phases.values()) <= record["stats"]["phase_seconds"]["calibrate"] + 1e-3
     quantize_to_run(str(tiny_model_dir), "flatquant", QuantConfig(4, 4), tmp_path / "flat",
                     CalibConfig("ptb", nsamples=2, seqlen=16), data_dir=data_dir,
                     method_options={"epochs": 1, "batch_size": 1})  # the same run: no "holds a different run"

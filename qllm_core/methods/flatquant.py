@@ -45,6 +45,7 @@ from ..algorithms.smoothing import smoothing_scales, weight_column_absmax
 from ..attention import enable_attention_hooks, set_attention_hook
 from ..calib_stats import input_channel_absmax
 from ..engine import LayerContext
+from ..gpu_monitor import timed
 from ..quant import OFF_BITS, QuantLinear, Quantizer, quantizers_off
 from ..transforms.kronecker import KroneckerTransform, factor_sizes, inverse_transpose
 from ..training import BlockTraining, resolve_amp_dtype, train_block, train_blocks
@@ -165,6 +166,7 @@ class FlatQuantMethod(QuantMethod):
         # its own FP inputs and targets alone, so layers may calibrate concurrently.
         self.tracks_quant_inputs = self.settings["weight_quantizer"] == "gptq"
         self.independent_layers = not self.tracks_quant_inputs
+        self.phase_seconds: dict[str, float] = {}  # where calibrate_layer(s) spent its wall time (_calibrate)
 
     # -- structure (deterministic; recreated when a run is loaded) --------------------------------
     def prepare_model(self, model: nn.Module, adapter: ModelAdapter) -> None:
@@ -198,26 +200,35 @@ class FlatQuantMethod(QuantMethod):
 
     # -- calibration ---------------------------------------------------------------------------
     def calibrate_layer(self, layer: nn.Module, ctx: LayerContext | None) -> None:
-        calibration = self._begin(layer, ctx)
-        if calibration.job is not None:
-            self.train_stats = train_block(calibration.job, ctx.device, **self.trainer)
-        self._finish(calibration)
+        self._calibrate([(layer, ctx)], lambda jobs, device: [train_block(jobs[0], device, **self.trainer)])
 
     def calibrate_layers(self, layers: list[tuple[nn.Module, LayerContext]]) -> None:
         """Train the layers' transforms together (:func:`~qllm_core.training.train_blocks`): each block trains on
         its own FP inputs and targets, so the layers are independent (with GPTQ weights they are not:
         ``independent_layers`` is off then)."""
-        calibrations = [self._begin(layer, ctx) for layer, ctx in layers]
+        self._calibrate(layers, lambda jobs, device: train_blocks(jobs, device, **self.trainer))
+
+    def _calibrate(self, layers: list[tuple[nn.Module, LayerContext | None]], train) -> None:
+        """Set up, train (``train(jobs, device)`` -> their TrainingStats) and materialise ``layers``, adding each
+        part's wall time to ``phase_seconds`` (setup / train, of which capture / finish)."""
+        if any(ctx is None for _, ctx in layers):
+            raise ValueError("FlatQuant needs calibration data (ctx is None)")
+        device = layers[0][1].device
+        with timed(self.phase_seconds, "setup", device):
+            calibrations = [self._begin(layer, ctx) for layer, ctx in layers]
         jobs = [c.job for c in calibrations if c.job is not None]
         if jobs:
-            self.train_stats = train_blocks(jobs, layers[0][1].device, **self.trainer)[-1]
-        for calibration in calibrations:
-            self._finish(calibration)
+            with timed(self.phase_seconds, "train", device):
+                stats = train(jobs, device)
+            self.train_stats = stats[-1]
+            self.phase_seconds["capture"] = self.phase_seconds.get("capture", 0.0) + sum(
+                s.capture_seconds for s in stats)
+        with timed(self.phase_seconds, "finish", device):
+            for calibration in calibrations:
+                self._finish(calibration)
 
-    def _begin(self, layer: nn.Module, ctx: LayerContext | None) -> _LayerCalibration:
+    def _begin(self, layer: nn.Module, ctx: LayerContext) -> _LayerCalibration:
         """Initial scales, learnable transforms swapped in, the training job (None when nothing trains)."""
-        if ctx is None:
-            raise ValueError("FlatQuant needs calibration data (ctx is None)")
         adapter, device = ctx.adapter, ctx.device
         linears = {role: adapter.linear(layer, role) for sites in GROUP_SITES.values() for role in sites}
         linears["o_proj"] = adapter.linear(layer, "o_proj")
