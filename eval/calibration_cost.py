@@ -67,7 +67,7 @@ model construction on the host ~10 s per 70B layer):
 On one H100 80GB (stop 21, 16 host cores, no staging needed: torch, transformers and pandas suffice): QLLM on
 LLaMA-2-70B ``--layers 8 --tf32 --compile-quantizers`` 7.7 min (activations on the host by the engine's
 rule); FlatQuant on LLaMA-3-70B ``--layers 2 --epochs 5 --tf32 --compile-quantizers`` 2.1 min; at 7B/8B,
-QLLM 2.8 min and FlatQuant 2.3 min per shape.
+QLLM ~2.8 min and FlatQuant 2.3-2.6 min per shape.
 
 Split the paper set (``--shapes`` / ``--methods``) into commands of at most ~10 minutes; see the README.
 """
