@@ -175,10 +175,8 @@ def activation_copies(method: LayerMethod, concurrent_layers: int = 1) -> int:
 
 
 def concurrent_window(method: LayerMethod, concurrent_layers: int) -> int:
-    """How many layers the engine calibrates at once: ``concurrent_layers`` for a method whose layers are
-    independent (``independent_layers``, one layer per group), else 1."""
-    if concurrent_layers < 1:
-        raise ValueError(f"concurrent_layers must be >= 1, got {concurrent_layers}")
+    """How many layers the engine calibrates at once: ``concurrent_layers`` (>= 1, checked by the engine) for a
+    method whose layers are independent (``independent_layers``, one layer per group), else 1."""
     independent = getattr(method, "independent_layers", False) and method.layers_per_group == 1
     return concurrent_layers if independent else 1
 
@@ -240,6 +238,7 @@ class BlockwiseEngine:
         # is counted in it
         self.phase_seconds: dict[str, float] = {}
         self.resumed_layers = 0  # layers reloaded from checkpoints instead of calibrated by this run
+        self.layers_at_once = 1  # layers the last run calibrated at once (concurrent_window)
 
     def checkpoint_path(self, index: int) -> Path | None:
         return None if self.layer_dir is None else self.layer_dir / f"{index:03d}.safetensors"
@@ -276,7 +275,7 @@ class BlockwiseEngine:
         size = method.layers_per_group
         if size < 1:
             raise ValueError(f"layers_per_group must be >= 1, got {size}")
-        window = concurrent_window(method, self.concurrent_layers)
+        window = self.layers_at_once = concurrent_window(method, self.concurrent_layers)
         stream = None
         if method.needs_calibration:
             storage = self._storage_for(calibration_ids, activation_copies(method, window))

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from .data import calibration_windows, default_calibration_dataset
-from .engine import BlockwiseEngine, concurrent_window, load_layer_state
+from .engine import BlockwiseEngine, load_layer_state
 from .gpu_monitor import PeakMemory, UtilizationSampler
 from .methods import QuantConfig, make_method
 from .models import LoadedModel, load_model
@@ -88,7 +88,7 @@ def quantize_to_run(
         engine.run(qmethod, calib_ids)
     stats = {"calib_seconds": round(time.time() - start, 2), "device": str(device), "concurrent_jobs": concurrent_jobs,
              "layers_per_group": qmethod.layers_per_group,
-             "concurrent_layers": concurrent_window(qmethod, calib.concurrent_layers),
+             "concurrent_layers": engine.layers_at_once,
              "group_seconds": [round(t, 3) for t in engine.group_seconds], "resumed_layers": engine.resumed_layers,
              "phase_seconds": _rounded(engine.phase_seconds)}
     if getattr(qmethod, "phase_seconds", None):  # the method's own breakdown of its calibrate phase (FlatQuant)
