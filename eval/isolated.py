@@ -4,8 +4,8 @@ Each call gets a process of its own, so its GPU memory, peak and CUDA state are 
 ``slots`` (a ``CUDA_VISIBLE_DEVICES`` value, or None for no GPU), which it gives back when it ends.
 A process is started only for a call. ``ProcessPoolExecutor(max_tasks_per_child=1)``, used before, starts a
 replacement worker whenever one exits, also after the last call; with the spawn start method that
-worker imports the whole harness (torch, transformers, lm-eval) before it can be told to stop: 7 s after
-the last call on a 2-core CPU host, and the likely reason why ``eval.prequantize`` had not exited 37 s after
+worker imports the whole harness (torch, transformers, lm-eval) before it can be told to stop: 4.1 s after
+the last call on a 2-core CPU host (reports/bench/prequantize_exit_delay_cpu.json), and the likely reason why ``eval.prequantize`` had not exited 37 s after
 its only run on the H100 machine (stop 21, reports/bench/gpu_concurrent_layers_H100_stop21.json).
 """
 from __future__ import annotations
