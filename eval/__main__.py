@@ -59,6 +59,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="float32 matmuls of the engine's passes on a GPU: highest (IEEE) or high (TF32); in run.json")
     q.add_argument("--concurrent-layers", type=int, default=1,
                    help="layers calibrated at once where the method allows (FlatQuant with RTN weights): same results")
+    q.add_argument("--compile-quantizers", action="store_true",
+                   help="on a GPU, compile trained methods' fake quantizers (run.json stats: trainer)")
     q.add_argument("--option", action="append", default=[], metavar="KEY=JSON",
                    help="method option, e.g. --option epochs=15 (value parsed as JSON)")
     return parser
@@ -104,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         raise SystemExit(f"error: {err}") from err
     calib = CalibConfig(args.calib_dataset, args.nsamples, args.calib_seqlen, args.seed,
-                        matmul_precision=args.matmul_precision, concurrent_layers=args.concurrent_layers)
+                        matmul_precision=args.matmul_precision, concurrent_layers=args.concurrent_layers,
+                        compile_quantizers=args.compile_quantizers)
     quantize_to_run(args.model, args.method, quant, args.out, calib, args.device, args.data_dir,
                     _parse_options(args.option))
     print(f"quantized run written to {args.out}")

@@ -92,6 +92,7 @@ from qllm_core.methods import QuantConfig, make_method
 from qllm_core.methods.flatquant import DEFAULTS as FLATQUANT_DEFAULTS
 from qllm_core.methods.qllm import DEFAULT_OPTIONS as QLLM_DEFAULTS
 from qllm_core.shapes import SHAPES, shape_config, shaped_llama
+from qllm_core.training import trainer_label
 
 from .experiments import device_label
 from .reports import upsert_rows
@@ -324,17 +325,10 @@ def measure(shape: str, method: str, layers: int | None = None, nsamples: int = 
                                               seqlen, gpu_bytes if on_gpu else None), 1),
         "est_gpu_mem_gib": round(estimate.total / GIB, 1),
         "epochs": f"{measured_epochs}/{spec.paper_epochs}" if spec.paper_epochs else "-",
-        "trainer": trainer_label(spec, on_gpu, compile_quantizers),
+        "trainer": trainer_label(bool(spec.paper_epochs), on_gpu, compile_quantizers),
         "matmul_precision": matmul_precision if on_gpu else "-",
         "timed_groups": timed, "paper_claim": PAPER_CLAIMS.get((shape, method), "-"),
     }
-
-
-def trainer_label(spec: MethodSpec, on_gpu: bool, compile_quantizers: bool) -> str:
-    """The ``trainer`` column: how a trained method's steps ran ("-" for untrained methods)."""
-    if not spec.paper_epochs:
-        return "-"
-    return "eager" if not on_gpu else "graph+compile" if compile_quantizers else "graph"
 
 
 def save_row(table: str | Path, row: dict) -> pd.DataFrame:

@@ -120,6 +120,7 @@ def calibration_row(common: dict, record: dict | None) -> dict | None:
             "seconds_per_layer": "-" if per_layer is None else round(per_layer, 3),
             "gpu_busy_share": "-" if busy is None else busy, "peak_gpu_mem_gib": stats.get("peak_gpu_mem_gib", "-"),
             "jobs": stats.get("concurrent_jobs", 1), "concurrent_layers": concurrent,
+            "trainer": stats.get("trainer", "-"),
             "device": device_label(stats["device"])}
 
 

@@ -63,18 +63,18 @@ def pending(experiments: list[Experiment], run_root: Path, evaluate: bool) -> li
 
 def _run(profile_name: str, model: str | None, device: str | None, exp: Experiment, run_root: str, data_dir,
          jobs: int, threads: int, evaluate: bool, zeroshot_batch: int | None, tables: Path,
-         concurrent_layers: int | None = None):
+         calib_overrides: dict | None = None):
     """Make (and evaluate) one run: ``(exp, took)``. Evaluating, the rows go into the ``tables`` as they
     come — perplexity and calibration when the perplexities are in, zero-shot after each task — so a
     run stopped part-way keeps what it finished. ``zeroshot_batch``: lm-eval's batch size, or None for
-    no zero-shot evaluation. ``concurrent_layers``: the engine's (qllm_core.engine.BlockwiseEngine), None for
-    the profile's."""
+    no zero-shot evaluation. ``calib_overrides``: fields of the profile's CalibConfig to replace (how the
+    calibration runs: concurrent_layers, compile_quantizers)."""
     import torch
 
     torch.set_num_threads(threads)
     profile = get_profile(profile_name, model=model, device=device)
-    if concurrent_layers is not None:
-        profile = replace(profile, calib=replace(profile.calib, concurrent_layers=concurrent_layers))
+    if calib_overrides:
+        profile = replace(profile, calib=replace(profile.calib, **calib_overrides))
     start = time.time()
     if not evaluate:
         ensure_run(profile.model, exp, Path(run_root) / exp.slug(), profile.calib, profile.device, data_dir, jobs)
@@ -117,6 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrent-layers", type=int, default=None,
                         help="layers a run calibrates at once where its method allows (FlatQuant with RTN weights; "
                              "default: the profile's); same results, in the calibration table's concurrent_layers column")
+    parser.add_argument("--compile-quantizers", action=argparse.BooleanOptionalAction, default=None,
+                        help="on a GPU, compile trained methods' fake quantizers (default: the profile's); "
+                             "in the calibration table's trainer column")
     parser.add_argument("--reports-dir", default=str(REPORTS))
     args = parser.parse_args(argv)
     if args.jobs_per_gpu < 1 or (args.concurrent_layers is not None and args.concurrent_layers < 1):
@@ -144,8 +147,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(todo)} runs to make with {workers} workers on {gpus or 'no'} GPU(s) "
           f"({args.jobs_per_gpu} per device, {threads} CPU threads each)", flush=True)
     slots = gpu_slots(workers, gpus, os.environ.get("CUDA_VISIBLE_DEVICES"))
+    overrides = {name: value for name, value in (("concurrent_layers", args.concurrent_layers),
+                                                   ("compile_quantizers", args.compile_quantizers)) if value is not None}
     calls = [(args.profile, args.model, args.device, e, args.run_root, args.data_dir, args.jobs_per_gpu, threads,
-              args.evaluate, args.zeroshot_batch_size if args.zeroshot else None, tables, args.concurrent_layers)
+              args.evaluate, args.zeroshot_batch_size if args.zeroshot else None, tables, overrides)
              for e in todo]
     failures = 0
     # a fresh process per run (CUDA cannot be shared with forked workers: spawn)

@@ -16,10 +16,11 @@ import pandas as pd
 PERPLEXITY_COLUMNS = ["model", "method", "w_bits", "a_bits", "kv_bits", "dataset", "windows", "ppl",
                       "calib_data", "calib_samples", "calib_seqlen", "profile", "device"]
 # calib_seconds: wall time of the whole calibration; seconds_per_layer: median wall time of a layer (a
-# group's over its layers); gpu_busy_share: mean NVML utilization during it; jobs: runs sharing the GPU.
+# group's over its layers); gpu_busy_share: mean NVML utilization during it; jobs: runs sharing the GPU;
+# trainer: how a trained method's steps ran (qllm_core.training.trainer_label; "-" where not recorded).
 CALIBRATION_COLUMNS = ["model", "method", "w_bits", "a_bits", "kv_bits", "calib_data", "calib_samples",
                        "calib_seqlen", "calib_seconds", "seconds_per_layer", "gpu_busy_share", "peak_gpu_mem_gib",
-                       "jobs", "concurrent_layers", "profile", "device"]
+                       "jobs", "concurrent_layers", "trainer", "profile", "device"]
 # A timing depends on the device, on the runs sharing it and on the layers calibrated at once: all are part of
 # a calibration row's key.
 CALIBRATION_KEYS = [c for c in CALIBRATION_COLUMNS if c not in ("calib_seconds", "seconds_per_layer", "gpu_busy_share",
@@ -66,6 +67,8 @@ def _locked(csv_path: Path):
 def _merge_into(csv_path: Path, new: pd.DataFrame, columns: list[str], keys: list[str], float_digits: int):
     if csv_path.is_file():
         old = pd.read_csv(csv_path, keep_default_na=False, dtype=str)
+        for column in set(keys) - set(old.columns):  # a key column added since the table was written
+            old[column] = "-"
         new_str = new.astype(str)
         merged_keys = old[keys].merge(new_str[keys].drop_duplicates(), on=keys, how="left", indicator=True)
         old = old[(merged_keys["_merge"] == "left_only").to_numpy()]

@@ -23,6 +23,7 @@ from .engine import BlockwiseEngine, load_layer_state
 from .gpu_monitor import PeakMemory, UtilizationSampler
 from .methods import QuantConfig, make_method
 from .models import LoadedModel, load_model
+from .training import trainer_label
 
 RUN_FILE = "run.json"
 
@@ -38,6 +39,10 @@ class CalibConfig:
     # layers calibrated at once where the method allows (BlockwiseEngine): same results, so not part of a run's
     # identity (a run may resume with another value); recorded with the run's timings
     concurrent_layers: int = 1
+    # on a GPU, trained methods' fake quantizers compiled (qllm_core.training: ~40% fewer kernels per step);
+    # how the steps run, not what they compute (the same function, to rounding: tests), so like
+    # concurrent_layers not part of a run's identity; recorded as the run's trainer
+    compile_quantizers: bool = False
 
 
 def is_run_dir(path: str | Path) -> bool:
@@ -67,7 +72,7 @@ def quantize_to_run(
         calib = replace(calib, dataset=dataset)
         calib_ids = calibration_windows(loaded.tokenizer, dataset, calib.nsamples, calib.seqlen, calib.seed, data_dir)
         calib_record = asdict(calib)
-        del calib_record["concurrent_layers"]
+        del calib_record["concurrent_layers"], calib_record["compile_quantizers"]
         if calib.matmul_precision == "highest":  # the default stays out of the record: earlier runs still resume
             del calib_record["matmul_precision"]
     record = {"model": model_spec, "model_name": loaded.name, **qmethod.config(), "calibration": calib_record}
@@ -81,6 +86,8 @@ def quantize_to_run(
     run_dir.mkdir(parents=True, exist_ok=True)
     _write_json(existing, {**record, "status": "running"})
     on_gpu = torch.device(device).type == "cuda"
+    if on_gpu and calib.compile_quantizers:
+        qmethod.trainer = {"compile_quantizers": True}
     engine = BlockwiseEngine(loaded.model, loaded.adapter, device, run_dir / "layers", calib.batch_size,
                              calib.matmul_precision, calib.concurrent_layers)
     start = time.time()
@@ -89,6 +96,7 @@ def quantize_to_run(
     stats = {"calib_seconds": round(time.time() - start, 2), "device": str(device), "concurrent_jobs": concurrent_jobs,
              "layers_per_group": qmethod.layers_per_group,
              "concurrent_layers": engine.layers_at_once,
+             "trainer": trainer_label(qmethod.trains, on_gpu, on_gpu and calib.compile_quantizers),
              "group_seconds": [round(t, 3) for t in engine.group_seconds], "resumed_layers": engine.resumed_layers,
              "phase_seconds": _rounded(engine.phase_seconds)}
     if getattr(qmethod, "phase_seconds", None):  # the method's own breakdown of its calibrate phase (FlatQuant)

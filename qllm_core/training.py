@@ -184,6 +184,14 @@ class _Step:
         self.loss_sum += loss.detach()
 
 
+def trainer_label(trains: bool, on_gpu: bool, compile_quantizers: bool) -> str:
+    """How a trained method's steps run, as the tables' ``trainer`` column says it: "eager" (CPU), "graph"
+    (CUDA-graph steps), "graph+compile" (and compiled fake quantizers); "-" for a method that trains nothing."""
+    if not trains:
+        return "-"
+    return "eager" if not on_gpu else "graph+compile" if compile_quantizers else "graph"
+
+
 def train_block(job: BlockTraining, device: torch.device, graph: bool | None = None,
                 compile_quantizers: bool = False) -> TrainingStats:
     """Train ``job.param_groups`` (module docstring); parameters are updated in place.
@@ -336,7 +344,7 @@ def _try_capture(step: _Step, static_x: torch.Tensor, static_t: torch.Tensor,
     (``step_bytes``). Seen on an H200 with LLaMA-3-70B FlatQuant: layer 0's capture failed, 29.9 GiB
     stayed in its pool, and layer 1's eager steps ran out of memory.
     """
-    free = free_gpu_bytes(static_x.device)
+    free = free_gpu_bytes(static_x.device, enough=int(CAPTURE_HEADROOM * step_bytes))
     if free < CAPTURE_HEADROOM * step_bytes:
         return None, (f"{free / 2**30:.1f} GiB free, the eager step took {step_bytes / 2**30:.1f} GiB: "
                       f"a capture needs {CAPTURE_HEADROOM}x that")
@@ -389,15 +397,25 @@ def _create_solver_handles(step: _Step, static_x: torch.Tensor, static_t: torch.
 
 
 def _record(step: _Step, static_x: torch.Tensor, static_t: torch.Tensor) -> torch.cuda.CUDAGraph:
+    """Record the step in a CUDA graph with a private memory pool, on the steps' own stream, whose cuBLAS
+    workspace the eager warm-up steps made (captured on torch's capture stream instead, the process's first
+    capture allocated that stream's workspace in its pool, where it stays for good: 64 MiB on an H200).
+
+    ``capture_begin``/``capture_end`` directly rather than the ``torch.cuda.graph`` context, which first hands
+    the whole allocator cache back to the driver (``empty_cache``) so that the private pool can have it: then
+    every layer's eager steps allocate again from the driver. :func:`_try_capture` has already checked that the
+    driver has the capture's memory free, emptying the cache only when it had not.
+    """
     step.optimizer.zero_grad(set_to_none=True)
     cuda_graph = torch.cuda.CUDAGraph()
     pool = torch.cuda.graph_pool_handle()  # its id is needed after a failed capture, when CUDAGraph.pool() raises
+    torch.cuda.synchronize(static_x.device)
     try:
-        # on the steps' own stream, whose cuBLAS workspace the eager warm-up steps made: captured on torch's
-        # capture stream instead, the process's first capture allocated that stream's workspace in its pool,
-        # where it stays for good (64 MiB on an H200)
-        with torch.cuda.graph(cuda_graph, pool=pool, stream=torch.cuda.current_stream(static_x.device)):
-            step(static_x, static_t)  # (torch.cuda.graph frees the cached blocks first: the pool cannot use them)
+        cuda_graph.capture_begin(pool=pool)
+        try:
+            step(static_x, static_t)
+        finally:  # as torch.cuda.graph's exit: end the capture also when the step raised
+            cuda_graph.capture_end()
     except RuntimeError:
         _abandon_pool(pool, static_x.device)
         raise

@@ -32,6 +32,9 @@ job() {  # the command of one job name
             # full test sets, zero-shot full sets (the tables are seeded from reports/ once per machine)
       [ -d "$R/grid/tables" ] || { mkdir -p "$R/grid/tables" && cp reports/tables/{perplexity,zeroshot}.csv "$R/grid/tables/"; }
       paper_runs grid --jobs-per-gpu "${GRID_JOBS:-2}" --zeroshot --zeroshot-batch-size 64 "${GRID_ARGS:-}" ;;
+    paper)  # issue 9's grid timing: every paper run (26 + FP) calibrated and evaluated (full-set perplexity, no
+            # zero-shot) into fresh tables, GRID_JOBS at once; a later call goes on with what is missing
+      paper_runs paper --jobs-per-gpu "${GRID_JOBS:-4}" ${GRID_ARGS:-} ;;
     fp)     # FP's rows alone first (full-set perplexity + zero-shot): the reference of both papers' averages
       paper_runs fp --only-runs fp-W16A16-s --zeroshot --zeroshot-batch-size 64 ;;
     alone)  # trained runs of the paper grid, one run on the GPU at a time (issue 9)
@@ -83,7 +86,8 @@ for spec in "$@"; do  # GPUS:NAME[+NAME...]: the names run one after the other o
   for name in ${names//+/ }; do
     cmd=$(job "$name") || exit 2
     mkdir -p "$R/$name"
-    cmds+=("{ $cmd; } >> $R/$name.log 2>&1; echo \"exit \$?\" >> $R/$name.log")
+    cmds+=("echo \"start \$(date -u +%FT%TZ)\" >> $R/$name.log; { $cmd; } >> $R/$name.log 2>&1; \
+            echo \"exit \$? \$(date -u +%FT%TZ)\" >> $R/$name.log")
   done
   (IFS=';'; CUDA_VISIBLE_DEVICES=$gpus OMP_NUM_THREADS=$share setsid taskset -c "$cpus" bash -c "${cmds[*]}") &
   pids+=($!)

@@ -87,3 +87,20 @@ def test_concurrent_layers_are_a_timing_not_part_of_the_run(tiny_model_dir, data
     quantize_to_run(str(tiny_model_dir), "smoothquant", QuantConfig(8, 8), tmp_path / "smooth", calib,
                     data_dir=data_dir)
     assert load_run(tmp_path / "smooth")[1]["stats"]["concurrent_layers"] == 1
+
+
+def test_compiled_quantizers_are_how_a_run_trains_not_part_of_it(tiny_model_dir, data_dir, tmp_path):
+    """compile_quantizers changes how a trained method's steps run (on a GPU), not the run: it stays out of the
+    run's identity, and the stats say how the steps ran ("eager" on the CPU, where there is nothing to compile;
+    "-" for a method that trains nothing)."""
+    calib = CalibConfig("ptb", nsamples=2, seqlen=16, compile_quantizers=True)
+    options = {"epochs": 1, "batch_size": 1}
+    quantize_to_run(str(tiny_model_dir), "flatquant", QuantConfig(4, 4), tmp_path / "flat", calib, data_dir=data_dir,
+                    method_options=options)
+    record = load_run(tmp_path / "flat")[1]
+    assert "compile_quantizers" not in record["calibration"] and record["stats"]["trainer"] == "eager"
+    quantize_to_run(str(tiny_model_dir), "flatquant", QuantConfig(4, 4), tmp_path / "flat",
+                    CalibConfig("ptb", nsamples=2, seqlen=16), data_dir=data_dir, method_options=options)
+    quantize_to_run(str(tiny_model_dir), "smoothquant", QuantConfig(8, 8), tmp_path / "smooth", calib,
+                    data_dir=data_dir)
+    assert load_run(tmp_path / "smooth")[1]["stats"]["trainer"] == "-"

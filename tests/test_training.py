@@ -267,12 +267,20 @@ def _eager_and_compiled(quantizer, x, probe, dtype, quantize) -> list[tuple]:
 
 
 def _assert_compiled_matches(results) -> None:
-    """Outputs agree except where x/scale lands within rounding of a .5 boundary (a different code, one
-    step apart): at most 1e-3 of the elements; input and clip-logit gradients to 1e-2 relative."""
+    """Outputs agree to 1e-5 of the tensor's largest value (a scale computed in another order differs in its
+    last bits, and so does every value of its group) except where x/scale lands within rounding of a .5
+    boundary (a different code, one step apart): at most 1e-3 of the elements; input and clip-logit
+    gradients to 1e-2 relative. The messages say by how much, so a GPU failure can be read from its log."""
     (out_e, gx_e, gc_e), (out_c, gx_c, gc_c) = results
-    assert ((out_e - out_c).abs() > 0).float().mean() <= 1e-3
-    assert torch.linalg.norm((gx_c - gx_e).float()) <= 1e-2 * torch.linalg.norm(gx_e.float())
-    assert torch.linalg.norm(gc_c - gc_e) <= 1e-2 * torch.linalg.norm(gc_e)
+    diff = (out_e - out_c).abs().float()
+    bound = 1e-5 * out_e.abs().max().float()
+    flips = (diff > bound).float().mean().item()
+    assert flips <= 1e-3, (f"{flips:.2e} of the outputs differ by more than {bound.item():.3g} (largest "
+                           f"{diff.max().item():.3g}; {(diff > 0).float().mean().item():.2e} differ at all)")
+    gx_err = (torch.linalg.norm((gx_c - gx_e).float()) / torch.linalg.norm(gx_e.float())).item()
+    assert gx_err <= 1e-2, f"input gradients differ by {gx_err:.3g} relative"
+    gc_err = (torch.linalg.norm(gc_c - gc_e) / torch.linalg.norm(gc_e)).item()
+    assert gc_err <= 1e-2, f"clip-logit gradients differ by {gc_err:.3g} relative ({gc_c} vs {gc_e})"
 
 
 @cuda
@@ -426,12 +434,32 @@ def test_capture_is_skipped_without_headroom(monkeypatch):
     import qllm_core.training as training
 
     gib = 2**30
-    monkeypatch.setattr(training, "free_gpu_bytes", lambda device: 10 * gib)
+    asked = []
+    monkeypatch.setattr(training, "free_gpu_bytes", lambda device, enough: asked.append(enough) or 10 * gib)
     monkeypatch.setattr(training, "_capture", lambda *a: pytest.fail("capture tried without headroom"))
     graph, why = training._try_capture(None, torch.zeros(1), torch.zeros(1), step_bytes=8 * gib)
     assert graph is None and why == "10.0 GiB free, the eager step took 8.0 GiB: a capture needs 1.5x that"
     monkeypatch.setattr(training, "_capture", lambda *a: "graph")
     assert training._try_capture(None, torch.zeros(1), torch.zeros(1), step_bytes=6 * gib) == ("graph", None)
+    assert asked == [12 * gib, 9 * gib]  # the clean-up may be skipped when the driver has that much free
+
+
+def test_free_gpu_bytes_cleans_up_only_when_short(monkeypatch):
+    """free_gpu_bytes(enough=n) hands the cache back (gc + empty_cache) only when the driver has < n free:
+    a gc.collect costs ~0.2 s per CUDA-graph capture otherwise (issue 9)."""
+    import qllm_core.gpu_monitor as gpu_monitor
+
+    state = {"free": 5, "cleanups": 0}
+
+    def empty_cache():
+        state["cleanups"] += 1
+        state["free"] = 9  # the cache handed back
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "empty_cache", empty_cache)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (state["free"], 80))
+    assert gpu_monitor.free_gpu_bytes("cuda:0", enough=4) == 5 and state["cleanups"] == 0
+    assert gpu_monitor.free_gpu_bytes("cuda:0", enough=8) == 9 and state["cleanups"] == 1
+    assert gpu_monitor.free_gpu_bytes("cuda:0") == 9 and state["cleanups"] == 2  # without enough: always
 
 
 class _FakeStep:

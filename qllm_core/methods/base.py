@@ -100,6 +100,11 @@ class QuantMethod:
         # how a trained method's steps are executed, not what they compute; so not saved in the run.
         self.trainer: dict = {}
 
+    @property
+    def trains(self) -> bool:
+        """Whether calibration trains parameters with qllm_core.training (what ``trainer`` applies to)."""
+        return False
+
     def config(self) -> dict:
         return {"method": self.name, "quant": self.quant.to_dict(), "options": dict(self.options)}
 

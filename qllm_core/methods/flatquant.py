@@ -168,6 +168,10 @@ class FlatQuantMethod(QuantMethod):
         self.independent_layers = not self.tracks_quant_inputs
         self.phase_seconds: dict[str, float] = {}  # where calibrate_layer(s) spent its wall time (_calibrate)
 
+    @property
+    def trains(self) -> bool:
+        return self.settings["epochs"] > 0
+
     # -- structure (deterministic; recreated when a run is loaded) --------------------------------
     def prepare_model(self, model: nn.Module, adapter: ModelAdapter) -> None:
         enable_attention_hooks(model)

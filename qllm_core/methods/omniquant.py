@@ -45,6 +45,10 @@ class OmniQuantLWCMethod(QuantMethod):
         super().__init__(quant, epochs=epochs, lr=lr, weight_decay=weight_decay, batch_size=batch_size,
                          amp_dtype=amp_dtype)
 
+    @property
+    def trains(self) -> bool:
+        return self.options["epochs"] > 0
+
     def build_layer(self, index: int, layer: nn.Module, adapter: ModelAdapter) -> None:
         super().build_layer(index, layer, adapter)
         for role in LINEAR_ROLES:

@@ -188,6 +188,10 @@ class QLLMMethod(QuantMethod):
         self.opt = merged
         self.layers_per_group = merged["num_layer"]
 
+    @property
+    def trains(self) -> bool:
+        return self.opt["error_correction"] and self.opt["epochs"] > 0
+
     # -- structure -----------------------------------------------------------------------------
     def build_layer(self, index: int, layer: nn.Module, adapter: ModelAdapter) -> None:
         super().build_layer(index, layer, adapter)
@@ -210,7 +214,7 @@ class QLLMMethod(QuantMethod):
 
     def calibrate_group(self, group: LayerGroup, ctx: LayerContext | None) -> None:
         """Per group of ``num_layer`` reassembled layers: joint error correction, then frozen weights."""
-        if self.opt["error_correction"] and self.opt["epochs"] > 0:
+        if self.trains:
             self.correct_errors(group, ctx)
         for qlinear in quant_linears(group).values():
             qlinear.freeze_weight()
