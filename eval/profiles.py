@@ -101,9 +101,13 @@ PROFILES = {
                      experiments=tuple(RTN_GRID + _SMOKE_CORE), extra_experiments=tuple(_SMOKE_EXTRA)),
     # paper: batch_size = windows per forward when the engine propagates activations (not a training setting);
     # concurrent_layers: FlatQuant's layers 6 at a time, same results (tests), 147.8 s -> 109.4 s alone on an H100
-    # (reports/bench/gpu_concurrent_layers_H100_stop21.json)
+    # (reports/bench/gpu_concurrent_layers_H100_stop21.json); compile_quantizers: the trained methods' fake
+    # quantizers compiled, alone on an H100 FlatQuant W4A4KV4 91.2 s (graph only ~97 s), QLLM W4A4 97.1 s, with
+    # perplexities in line with graph-only runs (reports/bench/gpu_trainer_ab_H100_stop22.json,
+    # gpu_paper_grid_H100_stop22.json)
     "paper": Profile("paper", device="cuda", max_windows=None,
-                     calib=CalibConfig(nsamples=128, seqlen=2048, batch_size=8, concurrent_layers=6),
+                     calib=CalibConfig(nsamples=128, seqlen=2048, batch_size=8, concurrent_layers=6,
+                                       compile_quantizers=True),
                      experiments=tuple(RTN_GRID + _PAPER_CORE + _PAPER_EXTRA)),
 }
 
