@@ -86,7 +86,8 @@ def quantize_to_run(
     run_dir.mkdir(parents=True, exist_ok=True)
     _write_json(existing, {**record, "status": "running"})
     on_gpu = torch.device(device).type == "cuda"
-    if on_gpu and calib.compile_quantizers:
+    compiled = on_gpu and calib.compile_quantizers  # there is nothing to compile on the CPU
+    if compiled:
         qmethod.trainer = {"compile_quantizers": True}
     engine = BlockwiseEngine(loaded.model, loaded.adapter, device, run_dir / "layers", calib.batch_size,
                              calib.matmul_precision, calib.concurrent_layers)
@@ -96,7 +97,7 @@ def quantize_to_run(
     stats = {"calib_seconds": round(time.time() - start, 2), "device": str(device), "concurrent_jobs": concurrent_jobs,
              "layers_per_group": qmethod.layers_per_group,
              "concurrent_layers": engine.layers_at_once,
-             "trainer": trainer_label(qmethod.trains, on_gpu, on_gpu and calib.compile_quantizers),
+             "trainer": trainer_label(qmethod.trains, on_gpu, compiled),
              "group_seconds": [round(t, 3) for t in engine.group_seconds], "resumed_layers": engine.resumed_layers,
              "phase_seconds": _rounded(engine.phase_seconds)}
     if getattr(qmethod, "phase_seconds", None):  # the method's own breakdown of its calibrate phase (FlatQuant)

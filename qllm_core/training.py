@@ -69,7 +69,7 @@ class TrainingStats:
     wall_seconds: float = 0.0
     graph_steps: int = 0  # steps replayed from the CUDA graph
     graph_error: str | None = None  # why the step could not be captured (then every step ran eagerly)
-    capture_seconds: float = 0.0  # wall time of the capture (with torch's and the headroom check's cache clean-ups)
+    capture_seconds: float = 0.0  # wall time of the capture (with the headroom check's cache clean-up, if it ran)
 
 
 @dataclass
