@@ -106,7 +106,7 @@ def free_gpu_bytes(device: torch.device | str, enough: int | None = None) -> int
 
     With ``enough``, the clean-up runs only when the driver has less than ``enough`` free without it: a
     ``gc.collect`` takes ~0.2 s in a process that has imported torch, transformers and lm-eval (this repo's
-    2-core CPU host), and handing the cache back makes the next allocations ask the driver again; a
+    2-core CPU host: reports/bench/quantizer_tie_flip_cpu.json), and handing the cache back makes the next allocations ask the driver again; a
     calibration asked before every one of its CUDA-graph captures (issue 9)."""
     device = torch.device(device)
     if enough is not None:

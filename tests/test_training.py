@@ -258,7 +258,8 @@ def _away_from_ties(x: torch.Tensor, quantizer, margin: float = 1e-3) -> torch.T
     nearly cancels, and one such element moves it by a few percent: on an H100 the fp32 symmetric per-token
     case gave 0.6869 vs 0.7050 with outputs and input gradients in tolerance
     (reports/bench/gpu_tests_compiled_quantizers_H100_stop22.log); in eager float32 on the CPU, x/s computed as
-    x * (1/s) flips 1 code of 1.2M and moves the same gradient by 0.018, the H100's difference. Away from ties
+    x * (1/s) flips 1 code of 1.2M and moves the same gradient by 0.018, the H100's difference
+    (reports/bench/quantizer_tie_flip_cpu.json). Away from ties
     the two must agree to the check's 1e-2."""
     from qllm_core.quant.quantizer import _grouped, quant_params
 
