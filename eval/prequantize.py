@@ -103,7 +103,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-root", default="runs")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--gpus", type=int, default=None, help="GPUs to use (default: all visible; none on a CPU)")
-    parser.add_argument("--jobs-per-gpu", type=int, default=1, help="runs at once on each GPU (or on the CPU)")
+    parser.add_argument("--jobs-per-gpu", type=int, default=1,
+                        help="runs at once on each GPU (or on the CPU); on a GPU their kernels overlap only under "
+                             "CUDA MPS (nvidia-cuda-mps-control -d; scripts/gpu_session.sh MPS=1), else they "
+                             "time-slice it")
     parser.add_argument("--evaluate", action="store_true", help="also evaluate each run and merge the table rows")
     parser.add_argument("--zeroshot", action="store_true",
                         help="with --evaluate: also the zero-shot tasks (the profile's subset per task)")

@@ -28,6 +28,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .adapters import ModelAdapter
+from .calib_stats import ChannelAbsmax, observing
 from .gpu_monitor import free_gpu_bytes, timed
 
 
@@ -55,6 +56,8 @@ class LayerContext:
     layer_kwargs: dict  # on `device`
     device: torch.device
     adapter: ModelAdapter
+    # per-channel max |x| (float32, CPU) of the FP inputs of the linears named by the method's fp_input_roles
+    fp_input_absmax: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def forward(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         """Run ``layer`` on a batch already on ``device``."""
@@ -71,6 +74,9 @@ class LayerMethod(Protocol):
     # does, and the stream skips the layer-by-layer pass through a group's earlier layers)
     layer_reads_quant_inputs: bool
     layers_per_group: int  # consecutive layers that calibrate_group trains jointly (1: per layer)
+    # linears (by role) whose input's per-channel max |x| over the FP inputs the engine records while it computes
+    # the FP outputs (LayerContext.fp_input_absmax): a statistic the method would otherwise rerun the layer for
+    fp_input_roles: tuple[str, ...]
 
     def prepare_model(self, model: nn.Module, adapter: ModelAdapter) -> None: ...
     def build_layer(self, index: int, layer: nn.Module, adapter: ModelAdapter) -> None: ...
@@ -146,6 +152,16 @@ def run_layer_batched(layer: nn.Module, hidden: torch.Tensor, kwargs: dict, devi
     outs = [call_layer(layer, hidden[i : i + batch_size].to(device), kwargs).to(hidden.device)
             for i in range(0, hidden.shape[0], batch_size)]
     return torch.cat(outs)
+
+
+def fp_pass(layer: nn.Module, hidden: torch.Tensor, kwargs: dict, device, batch_size: int,
+            linears: dict[str, nn.Module]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The FP layer's outputs for ``hidden`` and the per-channel max |x| of the inputs of ``linears`` (by role)
+    in the same forwards, so a method needs no second pass over the calibration set for them."""
+    absmax = ChannelAbsmax()
+    with observing(linears, absmax):
+        outputs = run_layer_batched(layer, hidden, kwargs, device, batch_size)
+    return outputs, absmax.result()
 
 
 def activation_storage(device: torch.device, need_bytes: int, free_bytes: int | None) -> torch.device:
@@ -247,10 +263,12 @@ class BlockwiseEngine:
         path = self.checkpoint_path(index)
         return path is not None and path.is_file()
 
-    def _context(self, index, fp_inputs, fp_outputs, quant_inputs, kwargs) -> LayerContext | None:
+    def _context(self, index, fp_inputs, fp_outputs, quant_inputs, kwargs,
+                 fp_input_absmax: dict | None = None) -> LayerContext | None:
         if fp_inputs is None:  # a method without calibration data
             return None
-        return LayerContext(index, fp_inputs, fp_outputs, quant_inputs, kwargs, self.device, self.adapter)
+        return LayerContext(index, fp_inputs, fp_outputs, quant_inputs, kwargs, self.device, self.adapter,
+                            fp_input_absmax or {})
 
     def _phase(self, name: str):
         """Count the block's wall time in ``phase_seconds[name]``."""
@@ -303,13 +321,18 @@ class BlockwiseEngine:
                 layer = layers[index]
                 with self._phase("to_device"):
                     layer.to(self.device)
-                with self._phase("fp_outputs"):
-                    fp_outputs = (run_layer_batched(layer, fp_inputs, kwargs, self.device, self.batch_size)
-                                  if stream else None)
+                fp_outputs, fp_absmax = None, {}
+                if stream:
+                    with self._phase("fp_outputs"):
+                        observed = {} if resume else {role: self.adapter.linear(layer, role)
+                                                      for role in getattr(method, "fp_input_roles", ())}
+                        fp_outputs, fp_absmax = fp_pass(layer, fp_inputs, kwargs, self.device, self.batch_size,
+                                                        observed)
                 with self._phase("build"):
                     method.build_layer(index, layer, self.adapter)
                     layer.to(self.device)  # modules created by build_layer start on the CPU
-                ctx = self._context(index, fp_inputs, fp_outputs, quant_inputs if layer_quant_inputs else None, kwargs)
+                ctx = self._context(index, fp_inputs, fp_outputs, quant_inputs if layer_quant_inputs else None, kwargs,
+                                    fp_absmax)
                 if resume:
                     with self._phase("resume"):
                         load_layer_state(layer, self.checkpoint_path(index))

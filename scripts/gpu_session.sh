@@ -12,6 +12,12 @@
 # (run.json, eval/*.json) are copied to $OUT too, so nothing measured is lost with the machine.
 # The JOBs share the host's CPU cores equally (taskset): each prequantize worker sizes its torch threads
 # from its share (more threads than cores starved every job's host side on a 32-core H200 host).
+# RUN_ROOT (default /root/runs): where the paper-profile jobs make their runs (a timing that must not reuse runs made
+# by an earlier job, such as the grid's after an alone run, gets its own).
+# MPS=1: the call's jobs share the GPU through a CUDA MPS control daemon of their own (private pipe and log
+# directories, quit at the end of the call; nothing of the GPU's settings changes), so the processes of a grid run
+# their kernels side by side instead of time-slicing the GPU; if the daemon does not start or a CUDA client cannot
+# reach it within a minute, the call goes on without it. "mps on" / "mps unavailable" is written to mps.log.
 # Needs the staged environment (../shared/docs/gpu-machine.md): source /root/qllm-stage/env.sh first.
 set -u
 DEADLINE=$1; shift
@@ -22,7 +28,7 @@ nvidia-smi --query-gpu=index,name,memory.total --format=csv > "$R/gpus.csv"
 paper_runs() {  # REPORTS_NAME ARGS...: paper-profile runs missing from $R/REPORTS_NAME's tables, made and evaluated
               # in the one run root (a run made by one job is only evaluated by another, not made again)
   local name=$1; shift
-  echo "python -m eval.prequantize --profile paper --grid all --evaluate --missing-only --run-root /root/runs \
+  echo "python -m eval.prequantize --profile paper --grid all --evaluate --missing-only --run-root ${RUN_ROOT:-/root/runs} \
         --reports-dir $R/$name $*"
 }
 
@@ -76,6 +82,19 @@ job() {  # the command of one job name
   esac
 }
 
+mps_start() {
+  export CUDA_MPS_PIPE_DIRECTORY=/tmp/qllm-mps/pipe CUDA_MPS_LOG_DIRECTORY=/tmp/qllm-mps/log
+  mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+  if nvidia-cuda-mps-control -d && timeout 60 python -c "import torch; torch.ones(1, device='cuda').sum().item()"; then
+    echo "mps on $(date -u +%FT%TZ)" >> "$R/mps.log"
+  else
+    echo quit | nvidia-cuda-mps-control 2>/dev/null
+    unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
+    echo "mps unavailable $(date -u +%FT%TZ)" >> "$R/mps.log"
+  fi
+}
+[ "${MPS:-0}" = 1 ] && mps_start
+
 pids=()
 cores=$(nproc); share=$(( cores / $# > 0 ? cores / $# : 1 )); first=0
 for spec in "$@"; do  # GPUS:NAME[+NAME...]: the names run one after the other on those GPUs
@@ -97,6 +116,9 @@ end=$((SECONDS + DEADLINE))
 while [ $SECONDS -lt $end ] && [ -n "$(jobs -rp)" ]; do sleep 5; done
 stop="eval[./](prequantize|speedup|calibration_cost|profile_calibration)|bench_cayley_lu|multiprocessing\.spawn|pytest"
 pkill -TERM -f "$stop" 2>/dev/null; sleep 3; pkill -KILL -f "$stop" 2>/dev/null
-[ -d /root/runs ] && (cd /root && find runs -name '*.json' -size -1M | tar -czf "$R/runs-meta.tgz" -T -)
+if [ -n "${CUDA_MPS_PIPE_DIRECTORY:-}" ]; then
+  echo quit | nvidia-cuda-mps-control; cp -r "$CUDA_MPS_LOG_DIRECTORY" "$R/mps-log" 2>/dev/null
+fi
+ls -d /root/runs* >/dev/null 2>&1 && (cd /root && find runs* -name '*.json' -size -1M | tar -czf "$R/runs-meta.tgz" -T -)
 tar -C /root -czf "$OUT/results.tgz" results
 ls -la "$R"; tail -n 5 "$R"/*.log

@@ -181,3 +181,49 @@ def test_flatness_curves_flatten_outliers():
     curves = site_flatness(fp, ModelAdapter(fp), ModelAdapter(model), 0, "qkv", ids)
     assert curves["act_before"].shape == (64,) and torch.all(curves["act_before"][:-1] >= curves["act_before"][1:])
     assert flatness_ratio(curves["act_after"]) < 0.5 * flatness_ratio(curves["act_before"])
+
+
+@pytest.mark.parametrize("engine_batch", [8, 1])
+def test_add_diag_statistics_come_from_the_engines_fp_pass(engine_batch):
+    """The engine records max|X| of the linears' inputs during its FP pass (fp_input_roles); they equal what a
+    separate pass of the built layer with its quantizers off gives (add_diag's old source): bit for bit with the
+    same windows per forward, to float32 rounding (1e-6 relative) with another batching."""
+    from qllm_core.calib_stats import input_channel_absmax
+    from qllm_core.methods.flatquant import FlatQuantMethod
+
+    seen = []
+
+    class Checked(FlatQuantMethod):
+        def calibrate_layer(self, layer, ctx):
+            linears = {role: ctx.adapter.linear(layer, role) for role in self.fp_input_roles}
+            with quantizers_off(layer):
+                seen.append((ctx.fp_input_absmax, input_channel_absmax(layer, ctx, linears)))
+            super().calibrate_layer(layer, ctx)
+
+    model = make_tiny_llama(layers=2)
+    method = Checked(QuantConfig(w_bits=4, a_bits=4, kv_bits=4), **FAST)
+    BlockwiseEngine(model, ModelAdapter(model), batch_size=engine_batch).run(method, _ids(n=8))
+    assert len(seen) == 2 and set(method.fp_input_roles) == {"q_proj", "gate_proj", "down_proj"}
+    for recorded, separate in seen:
+        assert recorded.keys() == separate.keys() == set(method.fp_input_roles)
+        for role in recorded:
+            if engine_batch == 8:
+                assert torch.equal(recorded[role], separate[role]), role
+            else:
+                torch.testing.assert_close(recorded[role], separate[role], rtol=1e-6, atol=0)
+
+
+def test_add_diag_without_engine_statistics_is_rejected():
+    """A context built without the engine's FP-pass statistics gets a clear error, not scales from nothing."""
+    from qllm_core.engine import LayerContext, capture_layer0_inputs, run_layer_batched
+
+    model = make_tiny_llama(layers=1)
+    adapter = ModelAdapter(model)
+    method = make_method("flatquant", QuantConfig(w_bits=4, a_bits=4), **FAST)
+    stream = capture_layer0_inputs(model, adapter, _ids(), torch.device("cpu"), batch_size=4)
+    layer = adapter.layers[0]
+    outputs = run_layer_batched(layer, stream.hidden, stream.kwargs, "cpu", 4)
+    method.build_layer(0, layer, adapter)
+    ctx = LayerContext(0, stream.hidden, outputs, None, stream.kwargs, torch.device("cpu"), adapter)
+    with pytest.raises(ValueError, match="FP input maxima"):
+        method.calibrate_layer(layer, ctx)

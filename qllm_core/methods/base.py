@@ -89,6 +89,8 @@ class QuantMethod:
     tracks_quant_inputs: ClassVar[bool] = False
     layer_reads_quant_inputs: ClassVar[bool] = True  # see qllm_core.engine.LayerMethod
     layers_per_group: int = 1  # see calibrate_group
+    # roles of linears whose per-channel FP input max |x| the engine records in its FP pass (ctx.fp_input_absmax)
+    fp_input_roles: ClassVar[tuple[str, ...]] = ()
     # calibrate_layer reads nothing but the layer and its FP inputs/outputs: several layers may be calibrated at
     # once (calibrate_layers; the engine's concurrent_layers)
     independent_layers: bool = False
