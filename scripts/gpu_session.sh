@@ -119,6 +119,6 @@ pkill -TERM -f "$stop" 2>/dev/null; sleep 3; pkill -KILL -f "$stop" 2>/dev/null
 if [ -n "${CUDA_MPS_PIPE_DIRECTORY:-}" ]; then
   echo quit | nvidia-cuda-mps-control; cp -r "$CUDA_MPS_LOG_DIRECTORY" "$R/mps-log" 2>/dev/null
 fi
-ls -d /root/runs* >/dev/null 2>&1 && (cd /root && find runs* -name '*.json' -size -1M | tar -czf "$R/runs-meta.tgz" -T -)
+ls -d /root/runs* >/dev/null 2>&1 && (cd /root && find runs* -name '*.json' -size -1024k | tar -czf "$R/runs-meta.tgz" -T -)
 tar -C /root -czf "$OUT/results.tgz" results
 ls -la "$R"; tail -n 5 "$R"/*.log
