@@ -88,6 +88,18 @@ def lazy_model(model_spec: str, exp: Experiment, run_dir: Path):
     return model_fn
 
 
+def eval_windows_per_forward(device: str | torch.device) -> int:
+    """Windows per forward when measuring perplexity: 4 on a GPU, 1 elsewhere.
+
+    A fake-quantized model's forward is thousands of small kernels; on a GPU one window per forward
+    (~140 ms per 2048-token window of the embedded model at W4A4KV4 on an H100, ~7 it/s in
+    reports/bench/gpu_session_H100_stop23.json's alone run) is kernel-launch bound, so several windows share
+    each launch (per-token quantizers: the same arithmetic, up to the matmuls' batch-dependent rounding).
+    The CPU keeps one window per forward, so the smoke rows stay those already reported.
+    """
+    return 4 if torch.device(device).type == "cuda" else 1
+
+
 def cached_perplexity(run_dir: Path, model_fn, dataset: str, seqlen: int, max_windows: int | None, device: str,
                       data_dir=None) -> dict:
     """Perplexity of a run (or FP) on ``dataset``, stored in ``<run_dir>/eval/`` and reused afterwards.
@@ -97,7 +109,8 @@ def cached_perplexity(run_dir: Path, model_fn, dataset: str, seqlen: int, max_wi
     """
     def compute() -> dict:
         loaded = model_fn()
-        result = perplexity(loaded.model, loaded.tokenizer, dataset, seqlen, max_windows, 1, device, data_dir)
+        result = perplexity(loaded.model, loaded.tokenizer, dataset, seqlen, max_windows,
+                            eval_windows_per_forward(device), device, data_dir)
         return {**result, "device": device_label(device), "model": loaded.name}
     return cached_json(run_dir / "eval" / f"ppl-{dataset}-{seqlen}-{max_windows or 'all'}.json", compute)
 

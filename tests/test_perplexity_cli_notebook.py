@@ -23,6 +23,23 @@ def test_window_losses_match_hf_loss():
     torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-6)
 
 
+def test_fake_quant_window_losses_do_not_depend_on_windows_per_forward(tiny_llama):
+    """The GPU measures perplexity 4 windows per forward (eval_windows_per_forward), the CPU 1: a W4A4KV4
+    model's per-token activation and KV quantizers see the same tokens either way (1e-6 relative: the
+    matmuls' batch-dependent float32 rounding)."""
+    from eval.experiments import eval_windows_per_forward
+    from qllm_core.engine import BlockwiseEngine
+    from qllm_core.methods import QuantConfig, make_method
+
+    model, adapter = tiny_llama(layers=2)
+    BlockwiseEngine(model, adapter).run(make_method("rtn", QuantConfig(w_bits=4, a_bits=4, kv_bits=4)))
+    windows = torch.randint(0, 128, (5, 48), generator=torch.Generator().manual_seed(3))
+    one = window_losses(model, windows, batch_size=1, progress=False)
+    four = window_losses(model, windows, batch_size=4, progress=False)
+    torch.testing.assert_close(four, one, rtol=1e-6, atol=0)
+    assert eval_windows_per_forward("cpu") == 1 and eval_windows_per_forward("cuda:0") == 4
+
+
 def _cli(*args, env_data_dir):
     env = {**os.environ, "QLLM_DATA_DIR": str(env_data_dir), "HF_HUB_OFFLINE": "1"}
     return subprocess.run([sys.executable, "-m", "eval", *args], cwd=REPO, env=env, capture_output=True, text=True)
