@@ -10,7 +10,7 @@ Phases (rows of reports/tables/speedup.csv, long format):
   kernel1  fused transform+quantize vs plain PyTorch (two bf16 matmuls + quantize + pack)
   gemm     W4A4 GEMM (FP8 / int8 tensor cores) vs bf16 cuBLAS; FP8 and int8 cuBLAS for reference
   gemv     decode GEMV (W4A4, W4A16, and W4A4 with its transform+quantize launch) vs bf16; at 1-4 tokens also
-           the CUDA-core GEMV of kernels/w4_gemv.py (w4a4_core, w4a16_core); PyTorch's int4 kernel for
+           the CUDA-core GEMV of kernels/w4_gemv.py (w4a4_core, w4a4_core_dp4a, w4a16_core); PyTorch's int4 kernel for
            reference (tinygemm_g128: torch._weight_int4pack_mm, group 128, timing only)
   linear   one W4A4 linear with FlatQuant's online transform vs bf16 cuBLAS
   layers   rows of phase prefill / decode: one decoder layer, variants of kernels.llama_layer vs bf16
@@ -207,8 +207,9 @@ def bench_gemv(rows, shapes, batches):
                             return lambda: lin(x)
                         if kind == "w4a16_core":
                             return lambda: w4a16_gemv(x, w, sw)
-                        if kind == "w4a4_core":
-                            return lambda: w4a4_gemv(a, sa, w, sw)
+                        if kind in ("w4a4_core", "w4a4_core_dp4a"):
+                            products = "dp4a" if kind.endswith("dp4a") else "fp32"
+                            return lambda: w4a4_gemv(a, sa, w, sw, products=products)
                         if kind == "tinygemm_g128":  # PyTorch's int4 weight-only kernel, the bar
                             tiles = torch._convert_weight_to_int4pack(w, 8)
                             zs = torch.rand(k // 128, n, 2, device="cuda", dtype=torch.bfloat16)
@@ -218,7 +219,7 @@ def bench_gemv(rows, shapes, batches):
 
                 fn, c = _rotating(bf16, n * k * 2)
                 t_bf16 = _bench(fn, graph=True) / c
-                core = ("w4a4_core", "w4a16_core") if b <= CORE_MAX_M else ()  # kernels/w4_gemv.py
+                core = ("w4a4_core", "w4a4_core_dp4a", "w4a16_core") if b <= CORE_MAX_M else ()  # kernels/w4_gemv.py
                 for variant in ("w4a4_fp8", "w4a4_int8", "w4a4_fp16", "w4a16", "w4a4_linear_kron", *core,
                                 "tinygemm_g128"):
                     try:

@@ -10,7 +10,11 @@ with a few multiply-adds per byte, so this kernel skips the tensor cores:
   element 2j in the low nibble of byte j, so on a little-endian GPU nibble i of a word is element i of
   its eight), in (BLOCK_N rows x BLOCK_KW words) tiles: wide contiguous loads, no byte shuffles;
 * a nibble becomes its signed value as ``((w >> 4i) & 15) ^ 8) - 8`` and is multiplied with the
-  activations in fp32 on the CUDA cores, the tokens (``BLOCK_M`` <= 4) sharing each weight tile;
+  activations in fp32 on the CUDA cores, the tokens (``BLOCK_M`` <= 4) sharing each weight tile
+  (``products="fp32"``); for W4A4, ``products="dp4a"`` instead spreads a word's codes over the byte lanes
+  of two int32s (even and odd elements, sign-extended to 8 bits by ``x | ((x & 0x08080808) * 30)``) and
+  sums four products per PTX ``dp4a`` in int32: about 10 integer instructions per 8 codes instead of
+  ~6 per code plus a float conversion per code;
 * one program per ``BLOCK_N`` output channels walks all of K: no split-K, so one launch, no output
   zeroing and a fixed summation order.
 
@@ -20,8 +24,10 @@ tensor-core kernel's (``(acc - zero_a * sum_k w) * scale_a * scale_w``), so the 
 :func:`kernels.w4_matmul.w4a4_matmul_ref` bit for bit. W4A16: fp16/bf16 activations, fp32 sums in
 this kernel's order (a stated tolerance against the reference).
 
-Speed is not measured yet (no device time was left in the session that wrote it): ``eval.speedup``'s
-``gemv`` phase times it as the ``w4a4_core`` / ``w4a16_core`` variants next to the tensor-core GEMV.
+Speed: ``eval.speedup``'s ``gemv`` phase times it as the ``w4a4_core`` / ``w4a4_core_dp4a`` / ``w4a16_core``
+variants next to the tensor-core GEMV and tinygemm. On an H100 at batch 1 (stop 23) the fp32 products gave
+1.64-1.75x bf16 (tinygemm 2.42-2.56x); the dp4a products are not timed yet, so the decode path of
+``W4A4Linear`` does not use them.
 """
 from __future__ import annotations
 
@@ -45,10 +51,39 @@ def _nibbles(words, SIGNED: tl.constexpr):
 
 
 @triton.jit
+def _byte_lanes(words, SIGNED: tl.constexpr):
+    """int32 words of eight codes -> (even, odd): elements 0, 2, 4, 6 and 1, 3, 5, 7 of each word as its four
+    bytes (byte j holds element 2j's nibble low, 2j+1's high), sign-extended from 4 to 8 bits when ``SIGNED``:
+    a set bit 3 becomes 0xF0 in its byte (8 * 30 = 0xF0: no carry into the next byte)."""
+    even = words & 0x0F0F0F0F
+    odd = (words >> 4) & 0x0F0F0F0F
+    if SIGNED:
+        even = even | ((even & 0x08080808) * 30)
+        odd = odd | ((odd & 0x08080808) * 30)
+    return even, odd
+
+
+@triton.jit
+def _dp4a(x, y, acc, ASM: tl.constexpr):
+    """``acc + Σ_i x_i·y_i`` over the four signed bytes of the int32s ``x`` and ``y`` (broadcast to ``acc``'s
+    shape): one PTX ``dp4a.s32.s32`` per word on the GPU; the same sum by shifts where inline assembly cannot
+    run (the Triton interpreter)."""
+    if ASM:
+        return tl.inline_asm_elementwise("dp4a.s32.s32 $0, $1, $2, $3;", "=r,r,r,r",
+                                         [tl.broadcast_to(x, acc.shape), tl.broadcast_to(y, acc.shape), acc],
+                                         dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        for i in tl.static_range(4):
+            acc += ((x << (24 - 8 * i)) >> 24) * ((y << (24 - 8 * i)) >> 24)
+        return acc
+
+
+@triton.jit
 def _w4_gemv_kernel(
     a_ptr, a_scale_ptr, a_zero_ptr, w_ptr, w_scale_ptr, w_sum_ptr, c_ptr,
     M, N, KW, stride_am, stride_wn, stride_cm,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr, A_MODE: tl.constexpr,
+    DP4A: tl.constexpr, ASM: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rm = tl.arange(0, BLOCK_M)
@@ -62,29 +97,58 @@ def _w4_gemv_kernel(
         a_ptrs = a_ptr + rm[:, None].to(tl.int64) * stride_am + ke[None, :]
     else:
         a_ptrs = a_ptr + rm[:, None].to(tl.int64) * stride_am + kw[None, :]  # packed codes, also as words
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # per-lane partial sums, reduced over K once after the loop (a reduction per step costs shuffles and
+    # block barriers every iteration: reports/kernels_notes.md, SASS of stop 23)
+    if DP4A and BLOCK_M == 1:  # one token: the products keep the weight tile's (rows, words) layout
+        lanes = tl.zeros((BLOCK_N, BLOCK_KW), dtype=tl.int32)
+    elif DP4A:
+        lanes = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_KW), dtype=tl.int32)
+    else:
+        lanes = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_KW * 8), dtype=tl.float32)
     for k0 in range(0, tl.cdiv(KW, BLOCK_KW)):
         k_ok = k0 * BLOCK_KW + kw < KW
-        w = _nibbles(tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0), True)
-        if A_MODE == A_FLOAT:
-            a = tl.load(a_ptrs, mask=m_ok[:, None] & (k0 * BLOCK_KW * 8 + ke < KW * 8)[None, :], other=0.0)
-            a = a.to(tl.float32)
-            a_ptrs += BLOCK_KW * 8
-        else:
-            a = _nibbles(tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0), A_MODE == A_INT4)
+        words = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0)
+        if DP4A:  # integer activations: four products per instruction, no float conversion per code
+            w_even, w_odd = _byte_lanes(words, True)
+            if BLOCK_M == 1:  # the token's words loaded once per weight row (from L1): both operands of every dp4a
+                # then come from loads of one tile shape, so no layout conversion through shared memory
+                a_rows = tl.load(a_ptrs + 0 * rn[:, None], mask=n_ok[:, None] & k_ok[None, :], other=0)
+                a_even, a_odd = _byte_lanes(a_rows, A_MODE == A_INT4)
+                lanes = _dp4a(a_odd, w_odd, _dp4a(a_even, w_even, lanes, ASM), ASM)
+            else:
+                a_even, a_odd = _byte_lanes(tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0),
+                                            A_MODE == A_INT4)
+                lanes = _dp4a(a_odd[:, None, :], w_odd[None, :, :],
+                              _dp4a(a_even[:, None, :], w_even[None, :, :], lanes, ASM), ASM)
             a_ptrs += BLOCK_KW
-        acc += tl.sum(a[:, None, :] * w[None, :, :], axis=2)
+        else:
+            w = _nibbles(words, True)
+            if A_MODE == A_FLOAT:
+                a = tl.load(a_ptrs, mask=m_ok[:, None] & (k0 * BLOCK_KW * 8 + ke < KW * 8)[None, :], other=0.0)
+                a = a.to(tl.float32)
+                a_ptrs += BLOCK_KW * 8
+            else:
+                a = _nibbles(tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0), A_MODE == A_INT4)
+                a_ptrs += BLOCK_KW
+            lanes += a[:, None, :] * w[None, :, :]
         w_ptrs += BLOCK_KW
+    # exact for integer codes either way: products of magnitude <= 120, |sums| < 2**24 for K < 2**17
+    if DP4A and BLOCK_M == 1:
+        acc = tl.sum(lanes, axis=1)[None, :].to(tl.float32)
+    else:
+        acc = tl.sum(lanes, axis=2).to(tl.float32)
     # masked-out words read as code 0 (unsigned activations too): the zero-point term needs no padding correction
     store_epilogue(acc, rm, rn, m_ok, n_ok, a_scale_ptr, a_zero_ptr, w_scale_ptr, w_sum_ptr, c_ptr, stride_cm, A_MODE)
 
 
 # (BLOCK_N, BLOCK_KW, num_warps, num_stages): a few rows per program so that N = 4096 already gives
 # 256-2048 programs (several per SM) with 1-4 KB of weights in flight each; chosen on the GPU by autotuning.
-CONFIGS = [(4, 64, 4, 3), (8, 64, 4, 3), (4, 128, 4, 3), (2, 128, 4, 4), (8, 32, 2, 4), (16, 32, 4, 3)]
+# The last two give the dp4a products 128-bit loads of four words per thread (scripts/gemv_sass.py).
+CONFIGS = [(4, 64, 4, 3), (8, 64, 4, 3), (4, 128, 4, 3), (2, 128, 4, 4), (8, 32, 2, 4), (16, 32, 4, 3),
+           (8, 128, 4, 2), (4, 256, 8, 2)]
 _TUNED = triton.autotune(
     configs=[triton.Config({"BLOCK_N": bn, "BLOCK_KW": bkw}, num_warps=w, num_stages=s) for bn, bkw, w, s in CONFIGS],
-    key=["N", "KW", "BLOCK_M", "A_MODE"])(_w4_gemv_kernel)
+    key=["N", "KW", "BLOCK_M", "A_MODE", "DP4A"])(_w4_gemv_kernel)
 
 
 def _words(packed: torch.Tensor, what: str) -> torch.Tensor:
@@ -94,7 +158,10 @@ def _words(packed: torch.Tensor, what: str) -> torch.Tensor:
     return packed.contiguous().view(torch.int32)
 
 
-def _launch(a2, a_scale, a_zero, w_packed, w_scale, w_sum, a_mode, out_dtype, config):
+PRODUCTS = ("dp4a", "fp32")  # how the W4A4 GEMV multiplies codes (w4a4_gemv's ``products``)
+
+
+def _launch(a2, a_scale, a_zero, w_packed, w_scale, w_sum, a_mode, out_dtype, config, dp4a=False):
     m, n = a2.shape[0], w_packed.shape[0]
     if m > CORE_MAX_M:
         raise ValueError(f"the CUDA-core GEMV takes at most {CORE_MAX_M} tokens, got {m}; use kernels.w4_matmul")
@@ -107,27 +174,36 @@ def _launch(a2, a_scale, a_zero, w_packed, w_scale, w_sum, a_mode, out_dtype, co
             w_words, w_scale, w_sum if w_sum is not None else w_scale, out,
             m, n, w_words.shape[1], a.stride(0), w_words.stride(0), out.stride(0))
     block_m = triton.next_power_of_2(m)
+    flags = {"A_MODE": a_mode, "DP4A": dp4a, "ASM": a2.device.type == "cuda"}  # no inline PTX in the interpreter
     if config is None and a2.device.type != "cuda":  # Triton interpreter: no timing, the first config
         config = CONFIGS[0]
     if config is None:
-        _TUNED[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](*args, BLOCK_M=block_m, A_MODE=a_mode)
+        _TUNED[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](*args, BLOCK_M=block_m, **flags)
     else:
         bn, bkw, warps, stages = config
-        _w4_gemv_kernel[(triton.cdiv(n, bn),)](*args, BLOCK_M=block_m, BLOCK_N=bn, BLOCK_KW=bkw, A_MODE=a_mode,
+        _w4_gemv_kernel[(triton.cdiv(n, bn),)](*args, BLOCK_M=block_m, BLOCK_N=bn, BLOCK_KW=bkw, **flags,
                                                 num_warps=warps, num_stages=stages)
     return out
 
 
 def w4a4_gemv(a_packed: torch.Tensor, a_scale: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor,
               a_zero: torch.Tensor | None = None, w_sum: torch.Tensor | None = None,
-              out_dtype: torch.dtype = torch.bfloat16, config: tuple | None = None) -> torch.Tensor:
+              out_dtype: torch.dtype = torch.bfloat16, config: tuple | None = None,
+              products: str = "fp32") -> torch.Tensor:
     """:func:`kernels.w4_matmul.w4a4_matmul`'s product for at most ``CORE_MAX_M`` tokens, on the CUDA cores.
 
     Same arguments and result (bit for bit); K must be a multiple of 8. ``config``: an explicit
-    (BLOCK_N, BLOCK_KW, num_warps, num_stages), else autotuned.
+    (BLOCK_N, BLOCK_KW, num_warps, num_stages), else autotuned. ``products``: ``"fp32"`` converts every
+    code to float32 and multiply-adds (one conversion per code: at 16 per clock per SM that alone is ~12 us
+    for a 12288 x 4096 weight on an H100, about what the kernel measures, reports/kernels_notes.md);
+    ``"dp4a"`` spreads each word's codes over byte lanes with a few integer operations and sums four
+    products per ``dp4a`` instruction in int32 (exact, so the same result).
     """
+    if products not in PRODUCTS:
+        raise ValueError(f"products must be one of {PRODUCTS}, got {products!r}")
     ops = w4a4_operands(a_packed, a_scale, w_packed, w_scale, a_zero, w_sum)
-    out = _launch(ops.a, ops.a_scale, ops.a_zero, w_packed, w_scale, ops.w_sum, ops.a_mode, out_dtype, config)
+    out = _launch(ops.a, ops.a_scale, ops.a_zero, w_packed, w_scale, ops.w_sum, ops.a_mode, out_dtype, config,
+                  dp4a=products == "dp4a")
     return out.reshape(*ops.lead, ops.n)
 
 
