@@ -9,14 +9,17 @@ with a few multiply-adds per byte, so this kernel skips the tensor cores:
 * weights are read as int32 words, eight codes each (the packing of qllm_core/quant/packing.py puts
   element 2j in the low nibble of byte j, so on a little-endian GPU nibble i of a word is element i of
   its eight), in (BLOCK_N rows x BLOCK_KW words) tiles: wide contiguous loads, no byte shuffles;
-* a nibble becomes its signed value as ``((w >> 4i) & 15) ^ 8) - 8`` and is multiplied with the
-  activations in fp32 on the CUDA cores, the tokens (``BLOCK_M`` <= 4) sharing each weight tile
-  (``products="fp32"``); for W4A4, ``products="dp4a"`` instead spreads a word's codes over the byte lanes
-  of two int32s (even and odd elements, sign-extended to 8 bits by ``x | ((x & 0x08080808) * 30)``) and
-  sums four products per PTX ``dp4a`` in int32: about 10 integer instructions per 8 codes instead of
-  ~6 per code plus a float conversion per code;
-* one program per ``BLOCK_N`` output channels walks all of K: no split-K, so one launch, no output
-  zeroing and a fixed summation order.
+* ``products="fp32"``: a nibble becomes its signed value as a float built from 2**23's mantissa (no
+  integer-to-float conversion, :func:`_nibbles`) and is multiplied with the activations in fp32 on the
+  CUDA cores, the tokens (``BLOCK_M`` <= 4) sharing each weight tile; for W4A4, ``products="dp4a"``
+  instead spreads a word's codes over the byte lanes of two int32s (even and odd elements, sign-extended
+  to 8 bits by ``x | ((x & 0x08080808) * 30)``) and sums four products per PTX ``dp4a`` in int32;
+  compiled for sm_90 the main loop issues 2.5-3.0 instructions per weight code with dp4a against
+  6.1-8.6 with fp32 products (``scripts/gemv_sass.py``, ``reports/bench/gemv_sass_cpu.json``), where an
+  H100 streaming the weights from HBM has room for about 5;
+* partial sums stay per lane over the K loop and are reduced once at the end; one program per
+  ``BLOCK_N`` output channels walks all of K: no split-K, so one launch, no output zeroing and a fixed
+  summation order.
 
 W4A4: the activation codes are int4 too (packed the same way, signed or 0..15 with a zero point);
 every product and partial sum is an integer below 2**24, exact in fp32, and the epilogue is the
@@ -25,9 +28,10 @@ tensor-core kernel's (``(acc - zero_a * sum_k w) * scale_a * scale_w``), so the 
 this kernel's order (a stated tolerance against the reference).
 
 Speed: ``eval.speedup``'s ``gemv`` phase times it as the ``w4a4_core`` / ``w4a4_core_dp4a`` / ``w4a16_core``
-variants next to the tensor-core GEMV and tinygemm. On an H100 at batch 1 (stop 23) the fp32 products gave
-1.64-1.75x bf16 (tinygemm 2.42-2.56x); the dp4a products are not timed yet, so the decode path of
-``W4A4Linear`` does not use them.
+variants next to the tensor-core GEMV and tinygemm. On an H100 at batch 1 (stop 23) the fp32 products of the
+earlier loop (a float conversion per code, a cross-thread reduction per step) gave 1.64-1.75x bf16 (tinygemm
+2.42-2.56x); this loop and the dp4a products are not timed yet, so the decode path of ``W4A4Linear`` does not
+use them.
 """
 from __future__ import annotations
 
@@ -42,12 +46,19 @@ CORE_MAX_M = 4  # tokens up to which the CUDA-core GEMV applies (each token mult
 
 @triton.jit
 def _nibbles(words, SIGNED: tl.constexpr):
-    """int32 words (R, KW) -> their eight 4-bit codes each as float32 (R, KW * 8), in element order."""
+    """int32 words (R, KW) -> their eight 4-bit codes each as float32 (R, KW * 8), in element order.
+
+    No integer-to-float conversion (a quarter-rate instruction on the H100, one per code): the nibble (XOR 8
+    for two's complement) is OR-ed into the mantissa of 2**23 (bits 0x4B000000), which makes the float
+    2**23 + u exactly, and 2**23 (+ 8) is subtracted: a shift, one LOP3 and one FADD per code.
+    """
     shifts = tl.arange(0, 8) * 4
     u = (words[:, :, None] >> shifts[None, None, :]) & 15
     if SIGNED:
-        u = (u ^ 8) - 8
-    return tl.reshape(u.to(tl.float32), (words.shape[0], words.shape[1] * 8))
+        value = ((u ^ 8) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
+    else:
+        value = (u | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+    return tl.reshape(value, (words.shape[0], words.shape[1] * 8))
 
 
 @triton.jit
@@ -91,49 +102,51 @@ def _w4_gemv_kernel(
     m_ok = rm < M
     n_ok = rn < N
     kw = tl.arange(0, BLOCK_KW)
+    ke = tl.arange(0, BLOCK_KW * 8)  # activation elements per step (A_FLOAT)
     w_ptrs = w_ptr + rn[:, None].to(tl.int64) * stride_wn + kw[None, :]  # (BLOCK_N, BLOCK_KW) words
-    if A_MODE == A_FLOAT:
-        ke = tl.arange(0, BLOCK_KW * 8)  # activation elements per step
-        a_ptrs = a_ptr + rm[:, None].to(tl.int64) * stride_am + ke[None, :]
+    # dp4a for one token: its activation words are loaded once per weight row (a zero row stride: the repeats come
+    # from L1), so both operands of every dp4a come from loads of one tile shape and no layout conversion through
+    # shared memory is needed (scripts/gemv_sass.py). Otherwise (BLOCK_M, step) tiles broadcast against the rows
+    # (for the fp32 products the per-row form measured more instructions per code there).
+    PER_ROW: tl.constexpr = DP4A and BLOCK_M == 1
+    if PER_ROW:
+        a_rows, a_rows_ok = rn[:, None] * 0, n_ok
     else:
-        a_ptrs = a_ptr + rm[:, None].to(tl.int64) * stride_am + kw[None, :]  # packed codes, also as words
-    # per-lane partial sums, reduced over K once after the loop (a reduction per step costs shuffles and
-    # block barriers every iteration: reports/kernels_notes.md, SASS of stop 23)
-    if DP4A and BLOCK_M == 1:  # one token: the products keep the weight tile's (rows, words) layout
-        lanes = tl.zeros((BLOCK_N, BLOCK_KW), dtype=tl.int32)
-    elif DP4A:
-        lanes = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_KW), dtype=tl.int32)
+        a_rows, a_rows_ok = rm[:, None].to(tl.int64) * stride_am, m_ok
+    a_ptrs = a_ptr + a_rows + (ke[None, :] if A_MODE == A_FLOAT else kw[None, :])  # values, or packed words
+    # partial sums per lane, reduced over K once after the loop (a reduction per step costs shuffles and block
+    # barriers every iteration)
+    lane_width: tl.constexpr = BLOCK_KW if DP4A else BLOCK_KW * 8
+    if PER_ROW:
+        lanes = tl.zeros((BLOCK_N, lane_width), dtype=tl.int32)
     else:
-        lanes = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_KW * 8), dtype=tl.float32)
+        lanes = tl.zeros((BLOCK_M, BLOCK_N, lane_width), dtype=tl.int32 if DP4A else tl.float32)
     for k0 in range(0, tl.cdiv(KW, BLOCK_KW)):
         k_ok = k0 * BLOCK_KW + kw < KW
         words = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0)
-        if DP4A:  # integer activations: four products per instruction, no float conversion per code
+        if A_MODE == A_FLOAT:
+            a = tl.load(a_ptrs, mask=a_rows_ok[:, None] & (k0 * BLOCK_KW * 8 + ke < KW * 8)[None, :], other=0.0)
+            a = a.to(tl.float32)
+            a_ptrs += BLOCK_KW * 8
+        else:
+            a = tl.load(a_ptrs, mask=a_rows_ok[:, None] & k_ok[None, :], other=0)
+            a_ptrs += BLOCK_KW
+        if DP4A:  # integer activations: four products per instruction, no float per code
             w_even, w_odd = _byte_lanes(words, True)
-            if BLOCK_M == 1:  # the token's words loaded once per weight row (from L1): both operands of every dp4a
-                # then come from loads of one tile shape, so no layout conversion through shared memory
-                a_rows = tl.load(a_ptrs + 0 * rn[:, None], mask=n_ok[:, None] & k_ok[None, :], other=0)
-                a_even, a_odd = _byte_lanes(a_rows, A_MODE == A_INT4)
+            a_even, a_odd = _byte_lanes(a, A_MODE == A_INT4)
+            if PER_ROW:
                 lanes = _dp4a(a_odd, w_odd, _dp4a(a_even, w_even, lanes, ASM), ASM)
             else:
-                a_even, a_odd = _byte_lanes(tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0),
-                                            A_MODE == A_INT4)
                 lanes = _dp4a(a_odd[:, None, :], w_odd[None, :, :],
                               _dp4a(a_even[:, None, :], w_even[None, :, :], lanes, ASM), ASM)
-            a_ptrs += BLOCK_KW
         else:
             w = _nibbles(words, True)
-            if A_MODE == A_FLOAT:
-                a = tl.load(a_ptrs, mask=m_ok[:, None] & (k0 * BLOCK_KW * 8 + ke < KW * 8)[None, :], other=0.0)
-                a = a.to(tl.float32)
-                a_ptrs += BLOCK_KW * 8
-            else:
-                a = _nibbles(tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0), A_MODE == A_INT4)
-                a_ptrs += BLOCK_KW
+            if A_MODE != A_FLOAT:
+                a = _nibbles(a, A_MODE == A_INT4)
             lanes += a[:, None, :] * w[None, :, :]
         w_ptrs += BLOCK_KW
     # exact for integer codes either way: products of magnitude <= 120, |sums| < 2**24 for K < 2**17
-    if DP4A and BLOCK_M == 1:
+    if PER_ROW:
         acc = tl.sum(lanes, axis=1)[None, :].to(tl.float32)
     else:
         acc = tl.sum(lanes, axis=2).to(tl.float32)
