@@ -15,8 +15,8 @@ Phases (rows of reports/tables/speedup.csv, long format):
   linear   one W4A4 linear with FlatQuant's online transform vs bf16 cuBLAS
   layers   rows of phase prefill / decode: one decoder layer, variants of kernels.llama_layer vs bf16
            (incl. w4a4-fp8 / flatquant-fp8: prefill GEMMs on cuBLAS FP8, kernels/fp8_linear.py;
-           decode rows also for KV4_VARIANTS, bf16-kv4 / flatquant-fp8-kv4: a 4-bit KV cache read by
-           kernels/kv4_attention.py)
+           decode rows also for KV4_VARIANTS and DP4A_VARIANTS: a 4-bit KV cache read by
+           kernels/kv4_attention.py, and/or the linears decoding through the dp4a GEMV of kernels/w4_gemv.py)
   model    rows of phase prefill / decode with shape "llama2-7b-model": a stack of 32 LLaMA-2-7B
            decoder layers (no embedding / LM head), quantized variants vs bf16 with the same bf16
            SDPA attention; prefill batch x 2048 tokens, decode = one step (ms per token) at a
@@ -255,11 +255,12 @@ def bench_linear(rows, shapes, ms_tokens):
 
 def bench_layers(rows, shapes, prefill_batches, decode_batches, kv_lens):
     torch = _cuda()
-    from kernels.llama_layer import KV4_VARIANTS, VARIANTS, build_layer, new_kv4_cache
+    from kernels.llama_layer import DP4A_VARIANTS, KV4_SUFFIX, KV4_VARIANTS, VARIANTS, build_layer, new_kv4_cache
     quant_variants = [v for v in VARIANTS if v != "bf16"]
     with torch.no_grad():
         for s in shapes:
-            layers = {v: build_layer(s, v, "cuda") for v in VARIANTS + KV4_VARIANTS}
+            decode_only = KV4_VARIANTS + DP4A_VARIANTS
+            layers = {v: build_layer(s, v, "cuda") for v in VARIANTS + decode_only}
             for b in prefill_batches:
                 x = torch.randn(b, PREFILL_SEQ, s.hidden, device="cuda", dtype=torch.bfloat16)
                 t = {v: _bench(lambda v=v: layers[v](x)) for v in VARIANTS}
@@ -275,12 +276,14 @@ def bench_layers(rows, shapes, prefill_batches, decode_batches, kv_lens):
                     t = {v: _bench(lambda v=v: layers[v](x, (kc, vc), kv_len=kv), graph=True) for v in VARIANTS}
                     for v in quant_variants:
                         rows.add(s.name, "decode", v, "bf16", t["bf16"], t[v], batch=b, seqlen=1, kv_len=kv)
-                    # issue 12: the same decode step over a 4-bit KV cache (decode rows only; prefill is the base's)
+                    # issue 12: the same decode step over a 4-bit KV cache and/or through the dp4a GEMV (decode rows
+                    # only; prefill is the base variant's)
                     kv4_cache = new_kv4_cache(s, b, kv + 1, "cuda")
                     kv4_cache.write(0, kc[:, :, :kv], vc[:, :, :kv])
-                    for v in KV4_VARIANTS:
+                    for v in decode_only:
+                        cache = kv4_cache if v.endswith(KV4_SUFFIX) else (kc, vc)
                         try:
-                            ms = _bench(lambda v=v: layers[v](x, kv4_cache, kv_len=kv), graph=True)
+                            ms = _bench(lambda v=v, cache=cache: layers[v](x, cache, kv_len=kv), graph=True)
                         except Exception as e:  # noqa: BLE001 - keep the other rows, say what broke
                             print(f"  {v} failed: {type(e).__name__}: {e}", flush=True)
                             continue
@@ -376,11 +379,11 @@ PLANS = {
     "quick": dict(k1_tokens=[2048], gemm_tokens=[2048], gemv_batches=[1, 16], linear_tokens=[2048],
                   prefill_batches=[1], decode_batches=[1, 16], kv_lens=[1024],
                   model_prefill_batches=[1, 4, 16], model_decode_batches=[1, 16], model_kv_lens=[512, 4096],
-                  model_variants=["flatquant-fp8", "w4a4-fp8"]),
+                  model_variants=["flatquant-fp8", "w4a4-fp8", "flatquant-fp8-dp4a"]),
     "full": dict(k1_tokens=[2048, 16 * 2048], gemm_tokens=[2048, 8192], gemv_batches=[1, 16], linear_tokens=[2048],
                  prefill_batches=[1, 4, 16], decode_batches=[1, 16, 64], kv_lens=[512, 4096],
                  model_prefill_batches=[1, 4, 16], model_decode_batches=[1, 16], model_kv_lens=[512, 4096],
-                 model_variants=["flatquant-fp8", "w4a4-fp8"]),
+                 model_variants=["flatquant-fp8", "w4a4-fp8", "flatquant-fp8-dp4a"]),
 }
 
 

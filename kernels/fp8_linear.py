@@ -71,7 +71,7 @@ class FP8W4A4Linear(W4A4Linear):
     def from_w4a4(cls, lin: W4A4Linear, **kwargs) -> "FP8W4A4Linear":
         """The same layer (weights, transform, clip, output dtype) with the FP8 prefill path."""
         return cls(lin.w_packed, lin.w_scale, lin.p1, lin.p2, lin.channel_scale, lin.act_clip_ratio,
-                   dot=lin.dot, out_dtype=lin.out_dtype, **kwargs)
+                   dot=lin.dot, out_dtype=lin.out_dtype, decode_gemv=lin.decode_gemv, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         k = self.in_features

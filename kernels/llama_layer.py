@@ -24,6 +24,10 @@ Variants (methods.md §2 "Placement"; QuaRot for the comparison of issue 6 (d)):
   (per token and head, asymmetric, as the fake-quant model's ``KVQuantHook``; make one with
   :func:`new_kv4_cache`) and attends with the split-KV Triton kernel ``kv4_decode_attention``.
   Prefill is the base variant's (bf16 SDPA, no cache written).
+- ``<quantized variant>-dp4a`` (issue 12; :data:`DP4A_VARIANTS` are the ones benchmarked, decode rows
+  only): the same linears decoding through the CUDA-core dp4a GEMV of :mod:`kernels.w4_gemv`
+  (``W4A4Linear(decode_gemv="dp4a")``, the same result bit for bit); combinable with ``-kv4``
+  (``flatquant-fp8-dp4a-kv4``).
 
 :func:`build_stack` stacks ``n_layers`` independent decoder layers (whole-model benchmarks; no
 embedding or LM head, they are the same bf16 matrices in every variant).
@@ -45,6 +49,8 @@ from .qlinear import W4A4Linear
 VARIANTS = ("bf16", "w4a4", "flatquant", "quarot", "w4a4-fp8", "flatquant-fp8")
 KV4_SUFFIX = "-kv4"
 KV4_VARIANTS = ("bf16-kv4", "flatquant-fp8-kv4")  # decode-only rows of eval.speedup --phases layers
+DP4A_SUFFIX = "-dp4a"
+DP4A_VARIANTS = ("w4a4-fp8-dp4a", "flatquant-fp8-dp4a", "flatquant-fp8-dp4a-kv4")  # decode-only rows too
 
 
 @dataclass(frozen=True)
@@ -91,14 +97,14 @@ def _factor(n: int, kind: str, gen: torch.Generator, device) -> torch.Tensor:
 
 
 def _quant_linear(out_f: int, in_f: int, factors: tuple[int, int] | None, kind: str, fuse: bool,
-                  gen: torch.Generator, device, cls: type = W4A4Linear) -> W4A4Linear:
+                  gen: torch.Generator, device, cls: type = W4A4Linear, decode_gemv: str | None = None) -> W4A4Linear:
     packed = torch.randint(0, 256, (out_f, in_f // 2), dtype=torch.uint8, device=device)
     scale = torch.rand(out_f, device=device) * 1e-2 + 1e-3
     p1 = p2 = None
     if factors is not None:
         p1 = _factor(factors[0], kind, gen, device).to(torch.bfloat16)
         p2 = _factor(factors[1], kind, gen, device).to(torch.bfloat16)
-    return cls(packed, scale, p1, p2, fuse_transform=fuse)
+    return cls(packed, scale, p1, p2, fuse_transform=fuse, decode_gemv=decode_gemv)
 
 
 def _bf16_linear(out_f: int, in_f: int, device) -> nn.Linear:
@@ -172,12 +178,17 @@ class DecoderLayer(nn.Module):
 
 
 def build_layer(shape: LlamaShape, variant: str, device, seed: int = 0) -> DecoderLayer:
-    """One decoder layer of `shape` in one of VARIANTS (or one of them + '-kv4'), random weights
-    (layer shapes only; a '-kv4' layer has its base variant's weights for the same seed)."""
+    """One decoder layer of `shape` in one of VARIANTS (a quantized one optionally + '-dp4a', any optionally +
+    '-kv4'), random weights (layer shapes only; a suffixed layer has its base variant's weights for the same
+    seed)."""
+    name = variant
     kv4 = variant.endswith(KV4_SUFFIX)
-    if variant.removesuffix(KV4_SUFFIX) not in VARIANTS:
-        raise ValueError(f"variant must be one of {VARIANTS}, optionally + {KV4_SUFFIX!r}, got {variant!r}")
     variant = variant.removesuffix(KV4_SUFFIX)
+    dp4a = variant.endswith(DP4A_SUFFIX)
+    variant = variant.removesuffix(DP4A_SUFFIX)
+    if variant not in VARIANTS or (dp4a and variant == "bf16"):
+        raise ValueError(f"variant must be one of {VARIANTS} (a quantized one optionally + {DP4A_SUFFIX!r}), "
+                         f"optionally + {KV4_SUFFIX!r}, got {name!r}")
     torch.manual_seed(seed)  # large weights are drawn on `device`; small factors from `gen` on the CPU
     gen = torch.Generator().manual_seed(seed)
     dims = dict(qkv=(shape.qkv_out, shape.hidden), o=(shape.hidden, shape.heads * shape.head_dim),
@@ -195,7 +206,8 @@ def build_layer(shape: LlamaShape, variant: str, device, seed: int = 0) -> Decod
         }[method]
         kind = "hadamard" if method == "quarot" else "orthogonal"
         cls = FP8W4A4Linear if path == "fp8" else W4A4Linear
-        lins = {name: _quant_linear(o, i, factors[name], kind, method != "quarot", gen, device, cls)
+        lins = {name: _quant_linear(o, i, factors[name], kind, method != "quarot", gen, device, cls,
+                                    "dp4a" if dp4a else None)
                 for name, (o, i) in dims.items()}
     return DecoderLayer(shape, device=device, kv4=kv4, **lins)
 

@@ -3,7 +3,9 @@
 `W4A4Linear` holds packed int4 weights (per-output-channel symmetric scales) and, optionally,
 FlatQuant's online transform: a per-channel scale vector and Kronecker factors P1, P2 applied to
 the input (methods.md §2). Its forward runs kernel 1 (transform + per-token int4 quantization)
-then the W4A4 GEMM; M ≤ 16 tokens (decode) takes the GEMV tiles of the same GEMM kernel. Methods
+then the W4A4 GEMM; M ≤ 16 tokens (decode) takes the GEMV tiles of the same GEMM kernel, or, with
+``decode_gemv`` set, at most ``CORE_MAX_M`` tokens take the CUDA-core GEMV of :mod:`kernels.w4_gemv`
+with those products ("dp4a" / "fp32"; the same result, bit for bit). Methods
 without an online transform (RTN, QLLM) pass no factors; act_bits=16 gives weight-only W4A16.
 The weight must already be in the transformed basis (FlatQuant merges the inverse transpose of
 the transform into the weight after calibration); :func:`merge_transform` does that for a plain one.
@@ -17,6 +19,7 @@ from qllm_core.quant.packing import pack_int4
 
 from .kronecker import check_factors
 from .transform_quant import quantize_per_token_ref, transform_quant
+from .w4_gemv import CORE_MAX_M, PRODUCTS, w4a4_gemv
 from .w4_matmul import w4a4_matmul, w4a16_matmul
 
 
@@ -48,10 +51,14 @@ class W4A4Linear(nn.Module):
                  p2: torch.Tensor | None = None, channel_scale: torch.Tensor | None = None,
                  act_clip_ratio: float = 1.0, act_bits: int = 4, act_asym: bool = False,
                  w_codes_sum: torch.Tensor | None = None, dot: str | None = None,
-                 out_dtype: torch.dtype = torch.bfloat16, fuse_transform: bool = True):
+                 out_dtype: torch.dtype = torch.bfloat16, fuse_transform: bool = True,
+                 decode_gemv: str | None = None):
         super().__init__()
         if act_bits not in (4, 16):
             raise ValueError(f"act_bits must be 4 (W4A4) or 16 (W4A16), got {act_bits}")
+        if decode_gemv is not None and (decode_gemv not in PRODUCTS or act_bits != 4):
+            raise ValueError(f"decode_gemv must be None or one of {PRODUCTS} (W4A4 only), got {decode_gemv!r} "
+                             f"with act_bits={act_bits}")
         if act_asym and act_bits == 4 and w_codes_sum is None:
             raise ValueError("asymmetric activations need w_codes_sum (Σ_k weight codes per output channel)")
         self.out_features, self.in_features = w_packed.shape[0], w_packed.shape[1] * 2
@@ -66,6 +73,7 @@ class W4A4Linear(nn.Module):
         self.act_clip_ratio, self.act_bits, self.act_asym = act_clip_ratio, act_bits, act_asym
         self.dot, self.out_dtype = dot, out_dtype
         self.fuse_transform = fuse_transform  # False: QuaRot-style separate transform and quantizer launches
+        self.decode_gemv = decode_gemv
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, p1: torch.Tensor | None = None, p2: torch.Tensor | None = None,
@@ -90,11 +98,16 @@ class W4A4Linear(nn.Module):
             x = transform_quant(x, p1, p2, cs, quantize=False)
             p1 = p2 = cs = None
         q, scale, zero = transform_quant(x, p1, p2, cs, clip_ratio=self.act_clip_ratio, asym=self.act_asym)
+        w_sum = self.w_codes_sum if self.act_asym else None
+        if self.decode_gemv is not None and x.numel() // self.in_features <= CORE_MAX_M:
+            return w4a4_gemv(q, scale, self.w_packed, self.w_scale, a_zero=zero, w_sum=w_sum,
+                             out_dtype=self.out_dtype, products=self.decode_gemv)
         return w4a4_matmul(q, scale, self.w_packed, self.w_scale, a_zero=zero,
-                           w_sum=self.w_codes_sum if self.act_asym else None, dot=self.dot,
+                           w_sum=w_sum, dot=self.dot,
                            out_dtype=self.out_dtype)
 
     def extra_repr(self) -> str:
         t = f"kron {self.p1.shape[0]}x{self.p2.shape[0]}" if self.p1 is not None else "none"
         return (f"in={self.in_features}, out={self.out_features}, act_bits={self.act_bits}, "
-                f"asym={self.act_asym}, transform={t}, dot={self.dot or 'default'}")
+                f"asym={self.act_asym}, transform={t}, dot={self.dot or 'default'}"
+                + (f", decode_gemv={self.decode_gemv}" if self.decode_gemv else ""))

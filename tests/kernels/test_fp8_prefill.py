@@ -228,6 +228,19 @@ def test_fp8_variants_use_fp8_linears(variant):
         assert (a.p1 is None) == (b.p1 is None)
 
 
+@pytest.mark.parametrize("base", ["w4a4-fp8", "flatquant-fp8"])
+def test_dp4a_variant_decodes_like_its_base(device, base):
+    """'-dp4a' layers: the same weights, and a decode step through the CUDA-core dp4a GEMV equal to the base's
+    (the GEMM's GEMV tiles) bit for bit: both are exact integer products with the same epilogue."""
+    plain, dp4a = ll.build_layer(TINY, base, device), ll.build_layer(TINY, base + "-dp4a", device)
+    assert torch.equal(plain.qkv.w_packed, dp4a.qkv.w_packed) and dp4a.down.decode_gemv == "dp4a"
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 1, TINY.hidden, generator=gen).to(device, torch.bfloat16)
+    cache = [torch.randn(2, 1, 12, 32, generator=gen).to(device, torch.bfloat16) for _ in range(2)]
+    outs = [layer(x, tuple(c.clone() for c in cache), kv_len=9) for layer in (plain, dp4a)]
+    assert torch.isfinite(outs[0]).all() and torch.equal(outs[0], outs[1])
+
+
 def test_stack_shares_rope_tables_and_runs_decode_step(scaled_mm_device):
     """A two-layer fp8 stack on CPU: prefill (FP8 path) and a decode step (GEMV path), finite."""
     device = scaled_mm_device

@@ -190,8 +190,12 @@ def test_kv4_layer_decode_matches_fake_quant_cache(device):
 
 def test_kv4_variant_names_and_cache_types():
     assert "flatquant-fp8-kv4" in ll.KV4_VARIANTS and not set(ll.KV4_VARIANTS) & set(ll.VARIANTS)
-    with pytest.raises(ValueError, match="variant must be one of"):
-        ll.build_layer(TINY, "nope-kv4", "cpu")
+    assert not set(ll.DP4A_VARIANTS) & set(ll.VARIANTS + ll.KV4_VARIANTS)
+    for bad in ("nope-kv4", "bf16-dp4a", "flatquant-kv4-dp4a"):
+        with pytest.raises(ValueError, match="variant must be one of"):
+            ll.build_layer(TINY, bad, "cpu")
+    dp4a = ll.build_layer(TINY, "flatquant-fp8-dp4a-kv4", "cpu")
+    assert dp4a.kv4 and dp4a.qkv.decode_gemv == "dp4a"
     layer, base = ll.build_layer(TINY, "bf16-kv4", "cpu"), ll.build_layer(TINY, "bf16", "cpu")
     assert torch.equal(layer.qkv.weight, base.qkv.weight)
     x = torch.randn(1, 1, TINY.hidden, dtype=torch.bfloat16)

@@ -63,6 +63,24 @@ def test_unfused_transform_equals_fused(device):
     assert ((a - b).norm() / a.norm()).item() < 1e-2
 
 
+@pytest.mark.parametrize("products", ["dp4a", "fp32"])
+@pytest.mark.parametrize("asym", [False, True])
+def test_decode_through_the_cuda_core_gemv_is_bit_identical(device, products, asym):
+    """decode_gemv: at most CORE_MAX_M tokens go through kernels/w4_gemv.py instead of the GEMM's GEMV tiles;
+    both are exact integer products with the same epilogue, so the outputs are equal bit for bit. More
+    tokens keep the GEMM."""
+    gen = torch.Generator().manual_seed(7)
+    p1, p2 = _orth(8, gen), _orth(16, gen)
+    w = torch.randn(24, 128, generator=gen)
+    kwargs = dict(transform_dtype=torch.float32, out_dtype=torch.float32, act_asym=asym)
+    tiles = ql.W4A4Linear.from_float(w, p1, p2, **kwargs).to(device)
+    core = ql.W4A4Linear.from_float(w, p1, p2, decode_gemv=products, **kwargs).to(device)
+    for tokens in (1, 3, 4, 5):
+        x = torch.randn(1, tokens, 128, generator=gen).to(device)
+        assert torch.equal(core(x), tiles(x)), tokens
+    assert "decode_gemv=" + products in repr(core)
+
+
 def test_w4a4_linear_rejects_bad_config():
     w = torch.zeros(8, 16, dtype=torch.uint8)
     with pytest.raises(ValueError, match="act_bits"):
@@ -71,6 +89,10 @@ def test_w4a4_linear_rejects_bad_config():
         ql.W4A4Linear(w, torch.ones(8), torch.eye(4), torch.eye(4))
     with pytest.raises(ValueError, match="w_codes_sum"):
         ql.W4A4Linear(w, torch.ones(8), act_asym=True)
+    with pytest.raises(ValueError, match="decode_gemv must be"):
+        ql.W4A4Linear(w, torch.ones(8), decode_gemv="int8")
+    with pytest.raises(ValueError, match="decode_gemv must be"):
+        ql.W4A4Linear(w, torch.ones(8), act_bits=16, decode_gemv="dp4a")
 
 
 TINY = ll.LlamaShape("tiny", hidden=64, inter=160, heads=2, kv_heads=1, head_dim=32)
