@@ -109,10 +109,22 @@ class KV4Cache:
 
 @triton.jit
 def _dequant_tile(P, S, Z, base, base_s, offs_n, offs_d, n_mask, d_mask, stride_n, stride_d, stride_sn,
-                  SYMMETRIC: tl.constexpr, DT: tl.constexpr):
-    """Load a (BLOCK_N, HALF) packed tile -> (low, high) dequantized operands in DT."""
-    b = tl.load(P + base + offs_n[:, None] * stride_n + offs_d[None, :] * stride_d,
-                mask=n_mask[:, None] & d_mask[None, :], other=0)
+                  SYMMETRIC: tl.constexpr, DT: tl.constexpr, WORDS: tl.constexpr, HALF: tl.constexpr,
+                  HALF_PAD: tl.constexpr):
+    """Load a (BLOCK_N, HALF) packed tile -> (low, high) dequantized operands in DT.
+
+    ``WORDS``: ``P`` is the cache viewed as int32 (strides in words, four code bytes per word), so a row is
+    read with wide loads and split into bytes by shifts; otherwise byte by byte (the compiled sm_90 loop then
+    issues a one-byte load per code byte: reports/kernels_notes.md)."""
+    if WORDS:
+        offs_w = tl.arange(0, HALF_PAD // 4)
+        words = tl.load(P + base + offs_n[:, None] * stride_n + offs_w[None, :],
+                        mask=n_mask[:, None] & (offs_w < HALF // 4)[None, :], other=0)
+        shifts = tl.arange(0, 4) * 8
+        b = tl.reshape((words[:, :, None] >> shifts[None, None, :]) & 255, (offs_n.shape[0], HALF_PAD))
+    else:
+        b = tl.load(P + base + offs_n[:, None] * stride_n + offs_d[None, :] * stride_d,
+                    mask=n_mask[:, None] & d_mask[None, :], other=0).to(tl.int32)
     s = tl.load(S + base_s + offs_n * stride_sn, mask=n_mask, other=0.0).to(tl.float32)
     if SYMMETRIC:
         z = tl.zeros_like(s) + 8.0
@@ -121,7 +133,6 @@ def _dequant_tile(P, S, Z, base, base_s, offs_n, offs_d, n_mask, d_mask, stride_
     # code - zero without an integer-to-float conversion (quarter rate on the H100, one per element): the code
     # OR-ed into 2**23's mantissa is the float 2**23 + code, and 2**23 + zero is exact too, so the difference is
     # the exact integer and the result equals ((float(code) - zero) * scale) bit for bit
-    b = b.to(tl.int32)
     offset = 8388608.0 + z[:, None]
     lo = ((((b & 15) | 0x4B000000).to(tl.float32, bitcast=True) - offset) * s[:, None]).to(DT)
     hi = ((((b >> 4) | 0x4B000000).to(tl.float32, bitcast=True) - offset) * s[:, None]).to(DT)
@@ -138,7 +149,7 @@ def _kv4_split_kernel(Q, KP, KS, KZ, VP, VS, VZ, OP, LSE,
                       stride_vsb, stride_vsh, stride_vsn,
                       KV_HEADS: tl.constexpr, GROUP: tl.constexpr, G_PAD: tl.constexpr,
                       HALF: tl.constexpr, HALF_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-                      SYMMETRIC: tl.constexpr, DT: tl.constexpr, PRECISION: tl.constexpr):
+                      SYMMETRIC: tl.constexpr, DT: tl.constexpr, PRECISION: tl.constexpr, WORDS: tl.constexpr):
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
     b = pid_bh // KV_HEADS
@@ -168,7 +179,7 @@ def _kv4_split_kernel(Q, KP, KS, KZ, VP, VS, VZ, OP, LSE,
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_mask = offs_n < end
         k_lo, k_hi = _dequant_tile(KP, KS, KZ, k_base, ks_base, offs_n, offs_d, n_mask, d_mask,
-                                   stride_kn, stride_kd, stride_ksn, SYMMETRIC, DT)
+                                   stride_kn, stride_kd, stride_ksn, SYMMETRIC, DT, WORDS, HALF, HALF_PAD)
         s = tl.dot(q_even, tl.trans(k_lo), input_precision=PRECISION)
         s = tl.dot(q_odd, tl.trans(k_hi), s, input_precision=PRECISION)
         s = tl.where(n_mask[None, :], s * qk_scale_log2, float("-inf"))
@@ -177,7 +188,7 @@ def _kv4_split_kernel(Q, KP, KS, KZ, VP, VS, VZ, OP, LSE,
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v_lo, v_hi = _dequant_tile(VP, VS, VZ, v_base, vs_base, offs_n, offs_d, n_mask, d_mask,
-                                   stride_vn, stride_vd, stride_vsn, SYMMETRIC, DT)
+                                   stride_vn, stride_vd, stride_vsn, SYMMETRIC, DT, WORDS, HALF, HALF_PAD)
         p = p.to(DT)
         acc_e = tl.dot(p, v_lo, acc_e * alpha[:, None], input_precision=PRECISION)
         acc_o = tl.dot(p, v_hi, acc_o * alpha[:, None], input_precision=PRECISION)
@@ -247,6 +258,15 @@ def _check(q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, kv_len):
     return batch, heads, kv_heads, head_dim
 
 
+def _as_words(packed: torch.Tensor) -> torch.Tensor | None:
+    """The packed cache viewed as int32 (four code bytes per word), or None where its rows are not whole,
+    4-byte-aligned words (head_dim not a multiple of 8, or a strided view)."""
+    if (packed.shape[-1] % 4 or packed.stride(-1) != 1 or packed.storage_offset() % 4 or packed.data_ptr() % 4
+            or any(st % 4 for st in packed.stride()[:-1])):
+        return None
+    return packed.view(torch.int32)
+
+
 def default_splits(batch: int, kv_heads: int, kv_len: int, block_n: int, device) -> int:
     """Enough KV chunks for about two programs per SM (4 'SMs' on the CPU interpreter)."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
@@ -281,6 +301,9 @@ def kv4_decode_attention(q: torch.Tensor, k_packed: torch.Tensor, k_scale: torch
     lse = torch.empty(batch * heads * n_splits, device=q.device, dtype=torch.float32)
     symmetric = k_zero is None
     kz, vz = (k_scale, v_scale) if symmetric else (k_zero, v_zero)  # unused pointers when symmetric
+    words = all(_as_words(p) is not None for p in (k_packed, v_packed))
+    if words:  # rows of whole 32-bit words: read them as such
+        k_packed, v_packed = _as_words(k_packed), _as_words(v_packed)
     _kv4_split_kernel[(batch * kv_heads, n_splits)](
         q, k_packed, k_scale, kz, v_packed, v_scale, vz, o_part, lse,
         kv_len, chunk, sm_scale * math.log2(math.e), n_splits,
@@ -289,7 +312,7 @@ def kv4_decode_attention(q: torch.Tensor, k_packed: torch.Tensor, k_scale: torch
         KV_HEADS=kv_heads, GROUP=group, G_PAD=max(16, triton.next_power_of_2(group)),
         HALF=half, HALF_PAD=max(16, triton.next_power_of_2(half)), BLOCK_N=block_n,
         SYMMETRIC=symmetric, DT=_TL_DTYPES[dot_dtype],
-        PRECISION="ieee" if dot_dtype == torch.float32 else "tf32", num_warps=num_warps)
+        PRECISION="ieee" if dot_dtype == torch.float32 else "tf32", WORDS=words, num_warps=num_warps)
     out = torch.empty_like(q)
     _kv4_combine_kernel[(batch * heads,)](
         o_part, lse, out, n_splits, out.stride(0), out.stride(1), out.stride(3),

@@ -88,11 +88,29 @@ def test_reference_equals_sdpa_on_fake_quant_cache():
     torch.testing.assert_close(ref, want, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 1, 64), (6, 2, 32), (2, 2, 128), (8, 2, 80)])
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 1, 64), (6, 2, 32), (2, 2, 128), (8, 2, 80), (4, 2, 36)])
 def test_kernel_gqa_and_head_dims(device, heads, kv_heads, head_dim):
     q, kq, vq = _case(1, heads, kv_heads, head_dim, 100, torch.float32, device, seed=heads + head_dim)
     out = kv4.kv4_decode_attention(q, *kq, *vq, 99, num_splits=2, block_n=32)
     assert _err(out, kv4.kv4_decode_attention_ref(q, *kq, *vq, 99)) < 1e-5
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_word_and_byte_reads_of_the_cache_agree_bit_for_bit(device, symmetric):
+    """Rows of whole 32-bit words are read as int32 words and split by shifts; a cache whose rows are not
+    (here: a view with a 33-byte row stride) is read byte by byte. Same codes, same arithmetic: equal outputs."""
+    q, (kp, ks, kz), (vp, vs, vz) = _case(2, 4, 2, 64, 50, torch.float32, device, symmetric, seed=11)
+    assert kv4._as_words(kp) is not None
+
+    def strided(p):  # the same bytes in rows of 33 bytes: not whole words
+        wide = torch.zeros(*p.shape[:-1], p.shape[-1] + 1, dtype=p.dtype, device=p.device)
+        wide[..., :-1] = p
+        return wide[..., :-1]
+
+    assert kv4._as_words(strided(kp)) is None
+    words = kv4.kv4_decode_attention(q, kp, ks, kz, vp, vs, vz, 47, num_splits=2, block_n=16)
+    nbytes = kv4.kv4_decode_attention(q, strided(kp), ks, kz, strided(vp), vs, vz, 47, num_splits=2, block_n=16)
+    assert torch.equal(words, nbytes)
 
 
 def test_kernel_fp16(device):
