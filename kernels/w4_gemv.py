@@ -15,7 +15,7 @@ with a few multiply-adds per byte, so this kernel skips the tensor cores:
   instead spreads a word's codes over the byte lanes of two int32s (even and odd elements, sign-extended
   to 8 bits by ``x | ((x & 0x08080808) * 30)``) and sums four products per PTX ``dp4a`` in int32;
   compiled for sm_90 the main loop issues 2.5-3.0 instructions per weight code with dp4a against
-  6.1-8.6 with fp32 products (``scripts/gemv_sass.py``, ``reports/bench/gemv_sass_cpu.json``), where an
+  6.1-8.6 with fp32 products (``scripts/decode_sass.py``, ``reports/bench/decode_sass_cpu.json``), where an
   H100 streaming the weights from HBM has room for about 5;
 * partial sums stay per lane over the K loop and are reduced once at the end; one program per
   ``BLOCK_N`` output channels walks all of K: no split-K, so one launch, no output zeroing and a fixed
@@ -106,7 +106,7 @@ def _w4_gemv_kernel(
     w_ptrs = w_ptr + rn[:, None].to(tl.int64) * stride_wn + kw[None, :]  # (BLOCK_N, BLOCK_KW) words
     # dp4a for one token: its activation words are loaded once per weight row (a zero row stride: the repeats come
     # from L1), so both operands of every dp4a come from loads of one tile shape and no layout conversion through
-    # shared memory is needed (scripts/gemv_sass.py). Otherwise (BLOCK_M, step) tiles broadcast against the rows
+    # shared memory is needed (scripts/decode_sass.py). Otherwise (BLOCK_M, step) tiles broadcast against the rows
     # (for the fp32 products the per-row form measured more instructions per code there).
     PER_ROW: tl.constexpr = DP4A and BLOCK_M == 1
     if PER_ROW:
@@ -156,7 +156,7 @@ def _w4_gemv_kernel(
 
 # (BLOCK_N, BLOCK_KW, num_warps, num_stages): a few rows per program so that N = 4096 already gives
 # 256-2048 programs (several per SM) with 1-4 KB of weights in flight each; chosen on the GPU by autotuning.
-# The last two give the dp4a products 128-bit loads of four words per thread (scripts/gemv_sass.py).
+# The last two give the dp4a products 128-bit loads of four words per thread (scripts/decode_sass.py).
 CONFIGS = [(4, 64, 4, 3), (8, 64, 4, 3), (4, 128, 4, 3), (2, 128, 4, 4), (8, 32, 2, 4), (16, 32, 4, 3),
            (8, 128, 4, 2), (4, 256, 8, 2)]
 _TUNED = triton.autotune(

@@ -96,7 +96,7 @@ def test_dp4a_loop_compiles_for_the_h100_without_conversions():
     """Ahead-of-time SASS for sm_90 (no GPU needed): the dp4a loop issues IDP.4A, has no shared-memory layout
     conversion (barriers) and costs under half the fp32 loop's instructions per code; neither loop converts
     integers to floats (I2FP, quarter rate: the fp32 products build floats from 2**23's mantissa instead).
-    scripts/gemv_sass.py; the timing itself is eval.speedup's gemv phase on a GPU. A subprocess: the compiler
+    scripts/decode_sass.py; the timing itself is eval.speedup's gemv phase on a GPU. A subprocess: the compiler
     needs the kernels as compiled functions, which the interpreter (TRITON_INTERPRET=1) replaces."""
     import json
     import os
@@ -105,8 +105,8 @@ def test_dp4a_loop_compiles_for_the_h100_without_conversions():
 
     from tests.conftest import REPO
 
-    code = ("import json; from scripts.gemv_sass import loop_instructions; "
-            "print(json.dumps([loop_instructions(p, 4, 128, 4, 3) for p in (True, False)]))")
+    code = ("import json; from scripts.decode_sass import gemv_loop; "
+            "print(json.dumps([gemv_loop(p, 4, 128, 4, 3) for p in (True, False)]))")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
