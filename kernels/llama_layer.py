@@ -181,14 +181,14 @@ def build_layer(shape: LlamaShape, variant: str, device, seed: int = 0) -> Decod
     """One decoder layer of `shape` in one of VARIANTS (a quantized one optionally + '-dp4a', any optionally +
     '-kv4'), random weights (layer shapes only; a suffixed layer has its base variant's weights for the same
     seed)."""
-    name = variant
+    requested = variant
     kv4 = variant.endswith(KV4_SUFFIX)
     variant = variant.removesuffix(KV4_SUFFIX)
     dp4a = variant.endswith(DP4A_SUFFIX)
     variant = variant.removesuffix(DP4A_SUFFIX)
     if variant not in VARIANTS or (dp4a and variant == "bf16"):
         raise ValueError(f"variant must be one of {VARIANTS} (a quantized one optionally + {DP4A_SUFFIX!r}), "
-                         f"optionally + {KV4_SUFFIX!r}, got {name!r}")
+                         f"optionally + {KV4_SUFFIX!r}, got {requested!r}")
     torch.manual_seed(seed)  # large weights are drawn on `device`; small factors from `gen` on the CPU
     gen = torch.Generator().manual_seed(seed)
     dims = dict(qkv=(shape.qkv_out, shape.hidden), o=(shape.hidden, shape.heads * shape.head_dim),
