@@ -132,6 +132,7 @@ def calibration_row(common: dict, record: dict | None) -> dict | None:
     return {**common, "calib_seconds": "-" if stats.get("resumed_layers") else stats["calib_seconds"],
             "seconds_per_layer": "-" if per_layer is None else round(per_layer, 3),
             "gpu_busy_share": "-" if busy is None else busy, "peak_gpu_mem_gib": stats.get("peak_gpu_mem_gib", "-"),
+            "peak_gpu_reserved_gib": stats.get("peak_gpu_reserved_gib", "-"),
             "jobs": stats.get("concurrent_jobs", 1), "concurrent_layers": concurrent,
             "trainer": stats.get("trainer", "-"),
             "device": device_label(stats["device"])}

@@ -35,7 +35,9 @@ def merge_tables(source: Path, into: Path = REPORTS) -> dict[str, int]:
     merged: dict[str, int] = {}
     for name, (pattern, columns, keys) in TABLES.items():
         for path in sorted(Path(source).rglob(pattern)):
-            rows = pd.read_csv(path, keep_default_na=False, dtype=str).to_dict("records")
+            # a piece written before a column existed (an older checkout on the GPU machine) gets "-" there
+            rows = [{c: row.get(c, "-") for c in columns}
+                    for row in pd.read_csv(path, keep_default_na=False, dtype=str).to_dict("records")]
             if rows:
                 upsert_rows(into / "tables" / name, rows, columns, keys=keys)
                 merged[str(path)] = len(rows)

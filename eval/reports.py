@@ -16,19 +16,21 @@ import pandas as pd
 PERPLEXITY_COLUMNS = ["model", "method", "w_bits", "a_bits", "kv_bits", "dataset", "windows", "ppl",
                       "calib_data", "calib_samples", "calib_seqlen", "profile", "device"]
 # calib_seconds: wall time of the whole calibration; seconds_per_layer: median wall time of a layer (a
-# group's over its layers); gpu_busy_share: mean NVML utilization during it; jobs: runs sharing the GPU;
+# group's over its layers); gpu_busy_share: mean NVML utilization during it; peak_gpu_mem_gib / peak_gpu_reserved_gib:
+# torch's peak allocated / peak reserved (held by the process's caching allocator, CUDA-graph pools included)
+# memory during it ("-" where not recorded); jobs: runs sharing the GPU;
 # trainer: how a trained method's steps ran (qllm_core.training.trainer_label; "-" where not recorded).
 CALIBRATION_COLUMNS = ["model", "method", "w_bits", "a_bits", "kv_bits", "calib_data", "calib_samples",
                        "calib_seqlen", "calib_seconds", "seconds_per_layer", "gpu_busy_share", "peak_gpu_mem_gib",
-                       "jobs", "concurrent_layers", "trainer", "profile", "device"]
+                       "peak_gpu_reserved_gib", "jobs", "concurrent_layers", "trainer", "profile", "device"]
 # A timing depends on the device, on the runs sharing it and on the layers calibrated at once: all are part of
 # a calibration row's key.
 CALIBRATION_KEYS = [c for c in CALIBRATION_COLUMNS if c not in ("calib_seconds", "seconds_per_layer", "gpu_busy_share",
-                                                                "peak_gpu_mem_gib")]
+                                                                "peak_gpu_mem_gib", "peak_gpu_reserved_gib")]
 ZEROSHOT_COLUMNS = ["model", "method", "w_bits", "a_bits", "kv_bits", "task", "metric", "value", "stderr", "n", "limit",
                     "calib_data", "profile", "device"]
-VALUE_COLUMNS = {"ppl", "device", "calib_seconds", "seconds_per_layer", "gpu_busy_share", "peak_gpu_mem_gib", "jobs",
-                 "concurrent_layers", "value", "stderr", "n"}
+VALUE_COLUMNS = {"ppl", "device", "calib_seconds", "seconds_per_layer", "gpu_busy_share", "peak_gpu_mem_gib",
+                 "peak_gpu_reserved_gib", "jobs", "concurrent_layers", "value", "stderr", "n"}
 
 
 def key_columns(columns: list[str]) -> list[str]:

@@ -52,13 +52,15 @@ class UtilizationSampler:
 
 
 class PeakMemory:
-    """Peak allocated GPU memory (bytes) between :meth:`start` and :meth:`stop`; also a context manager.
-    On a device that is not a GPU it measures nothing (``peak`` stays 0).
+    """Peak allocated GPU memory (bytes, ``peak``) between :meth:`start` and :meth:`stop`, and the peak the
+    caching allocator reserved from the driver (``peak_reserved``: what the process actually holds beyond its
+    CUDA context — freed blocks kept for reuse and CUDA-graph pools included; it decides how many runs fit one
+    GPU); also a context manager. On a device that is not a GPU it measures nothing (both stay 0).
 
-    torch keeps one peak counter per device, and a measurement resets it: an inner measurement (the
-    training loop's warm-up steps) would erase the peak an outer one (a whole calibration's
+    torch keeps one set of peak counters per device, and a measurement resets them: an inner measurement (the
+    training loop's warm-up steps) would erase the peaks an outer one (a whole calibration's
     ``peak_gpu_mem_gib``) is collecting. So every measurement running when another starts or stops is
-    handed the peak seen so far, and nesting gives each its true peak.
+    handed the peaks seen so far, and nesting gives each its true peaks.
     """
 
     _running: list["PeakMemory"] = []
@@ -68,27 +70,33 @@ class PeakMemory:
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
         self.device = device
-        self.base = self.peak = 0
+        self.base = self.peak = self.peak_reserved = 0
 
-    def _hand_over(self, peak: int) -> None:
+    def _counters(self) -> tuple[int, int]:
+        return torch.cuda.max_memory_allocated(self.device), torch.cuda.max_memory_reserved(self.device)
+
+    def _hand_over(self, peak: int, peak_reserved: int) -> None:
         for measurement in PeakMemory._running:
             if measurement.device == self.device:
                 measurement.peak = max(measurement.peak, peak)
+                measurement.peak_reserved = max(measurement.peak_reserved, peak_reserved)
 
     def start(self) -> "PeakMemory":
         if self.device.type != "cuda":
             return self
-        self._hand_over(torch.cuda.max_memory_allocated(self.device))
+        self._hand_over(*self._counters())
         torch.cuda.reset_peak_memory_stats(self.device)
         self.base = self.peak = torch.cuda.memory_allocated(self.device)  # base: allocated at the start
+        self.peak_reserved = torch.cuda.memory_reserved(self.device)
         PeakMemory._running.append(self)
         return self
 
     def stop(self) -> int:
         if self in PeakMemory._running:
             PeakMemory._running.remove(self)
-            self.peak = max(self.peak, torch.cuda.max_memory_allocated(self.device))
-            self._hand_over(self.peak)
+            peak, peak_reserved = self._counters()
+            self.peak, self.peak_reserved = max(self.peak, peak), max(self.peak_reserved, peak_reserved)
+            self._hand_over(self.peak, self.peak_reserved)
         return self.peak
 
     def __enter__(self) -> "PeakMemory":

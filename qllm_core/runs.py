@@ -104,6 +104,7 @@ def quantize_to_run(
         stats["method_phase_seconds"] = _rounded(qmethod.phase_seconds)
     if on_gpu:
         stats["peak_gpu_mem_gib"] = round(peak.peak / 2**30, 3)
+        stats["peak_gpu_reserved_gib"] = round(peak.peak_reserved / 2**30, 3)
         stats["gpu_busy_share"] = None if busy.mean is None else round(busy.mean, 3)
     _write_json(existing, {**record, "status": "complete", "stats": stats})
     return loaded

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from eval.report_index import REPO, build_index, perplexity_ratios
-from eval.reports import PERPLEXITY_COLUMNS, upsert_rows
+from eval.reports import CALIBRATION_COLUMNS, PERPLEXITY_COLUMNS, upsert_rows
 
 
 def test_index_links_resolve_and_sections_render(tmp_path):
@@ -84,6 +84,12 @@ def test_merge_tables_brings_rows_home_by_key(tmp_path):
     assert list(merge_tables(tmp_path / "remote", home).values()) == [1]
     table = pd.read_csv(home / "tables" / "perplexity.csv")
     assert sorted(zip(table.dataset, table.ppl, table.device)) == [("ptb", 30.0, "cpu"), ("x", 12.0, "H100")]
+    # a calibration piece written before peak_gpu_reserved_gib existed: merged, the new column "-"
+    older = [c for c in CALIBRATION_COLUMNS if c != "peak_gpu_reserved_gib"]
+    pd.DataFrame([{c: "1" for c in older}]).to_csv(remote / "tables" / "calibration.csv", index=False)
+    merge_tables(tmp_path / "remote", home)
+    calibration = pd.read_csv(home / "tables" / "calibration.csv", keep_default_na=False, dtype=str)
+    assert list(calibration.columns) == CALIBRATION_COLUMNS and calibration.peak_gpu_reserved_gib.tolist() == ["-"]
 
 
 def test_zero_shot_averages_leave_out_what_fp_lacks_and_say_so():

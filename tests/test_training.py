@@ -557,14 +557,20 @@ def test_peak_memory_measurements_nest(monkeypatch):
     with PeakMemory("cpu") as on_cpu:  # not a GPU: nothing to measure, no CUDA call
         pass
     assert on_cpu.peak == 0
-    state = {"now": 0, "peak": 0}
+    # a toy caching allocator: freed memory stays reserved, reserved grows in steps of 64
+    state = {"now": 0, "peak": 0, "reserved": 0, "peak_reserved": 0}
 
     def allocate(n):
         state["now"] += n
         state["peak"] = max(state["peak"], state["now"])
+        state["reserved"] = max(state["reserved"], -(-state["now"] // 64) * 64)
+        state["peak_reserved"] = max(state["peak_reserved"], state["reserved"])
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: state["now"])
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: state["peak"])
-    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: state.update(peak=state["now"]))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: state["reserved"])
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device=None: state["peak_reserved"])
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats",
+                        lambda device=None: state.update(peak=state["now"], peak_reserved=state["reserved"]))
     with PeakMemory("cuda:0") as outer:
         allocate(100)
         allocate(-100)  # the outer peak, 100, before the inner measurement resets the counter
@@ -573,9 +579,11 @@ def test_peak_memory_measurements_nest(monkeypatch):
             allocate(-30)
         allocate(50)
     assert inner.peak == 30 and outer.peak == 100
+    assert inner.peak_reserved == outer.peak_reserved == 128  # the 100 freed stays reserved
+    state["reserved"] = 64  # the cache emptied down to what the 50 still allocated need
     with PeakMemory("cuda:0") as later:  # 50 still allocated
-        allocate(20)
-    assert later.base == 50 and later.peak == 70
+        allocate(200)
+    assert later.base == 50 and later.peak == 250 and later.peak_reserved == 256
 
 
 @pytest.mark.parametrize("routing_left_on", [True, False])
