@@ -37,6 +37,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from qllm_core.gpu_monitor import cap_gpu_memory
 from qllm_core.models import display_name
 from qllm_core.runs import is_run_dir, read_run
 
@@ -47,9 +48,15 @@ from .reports import CALIBRATION_COLUMNS, CALIBRATION_KEYS, PERPLEXITY_COLUMNS, 
 from .zeroshot import TASKS, experiment_zero_shot
 
 REPORTS = Path(__file__).resolve().parents[1] / "reports"
-# Start order: FP first (its rows are the reference of every table's averages and it needs no calibration),
-# then the rest by rough calibration cost (longest first), so the slowest runs start at once.
-_COST = {FP_METHOD: 0, "omniquant": 1, "flatquant": 2, "qllm": 3, "gptq": 4, "quarot": 5, "smoothquant": 6, "rtn": 7}
+# Start order, by report method: FP first (its rows are the reference of every table's averages and it needs no
+# calibration), then the rest longest first, so the slowest runs start at once and the short ones fill the
+# slots they free. The order follows the paper runs' calibration times on the H100 (reports/tables/
+# calibration.csv): OmniQuant > QLLM with error correction > FlatQuant > QuaRot+GPTQ > GPTQ > QLLM's reassembly
+# alone > QuaRot > SmoothQuant > RTN. (By method alone, QLLM's three short reassembly-only runs took slots
+# before its error-correction runs: in the stop-23 grid those were still waiting at the deadline.)
+_START_ORDER = [FP_METHOD, "omniquant", "qllm", "flatquant", "quarot-gptq", "gptq", "qllm-reassembly", "quarot",
+                "smoothquant", "rtn", "rtn-asym"]
+GPU_SHARE_USED = 0.9
 
 
 def pending(experiments: list[Experiment], run_root: Path, evaluate: bool) -> list[Experiment]:
@@ -58,7 +65,8 @@ def pending(experiments: list[Experiment], run_root: Path, evaluate: bool) -> li
         run_dir = run_root / e.slug()
         return e.method == FP_METHOD or (is_run_dir(run_dir) and read_run(run_dir).get("status") == "complete")
     todo = [e for e in experiments if evaluate or not done(e)]
-    return sorted(todo, key=lambda e: _COST.get(e.method, len(_COST)))
+    rank = {method: position for position, method in enumerate(_START_ORDER)}
+    return sorted(todo, key=lambda e: rank.get(e.report_method, len(rank)))
 
 
 def _run(profile_name: str, model: str | None, device: str | None, exp: Experiment, run_root: str, data_dir,
@@ -73,6 +81,7 @@ def _run(profile_name: str, model: str | None, device: str | None, exp: Experime
 
     torch.set_num_threads(threads)
     profile = get_profile(profile_name, model=model, device=device)
+    share_gpu(profile.device, jobs)
     if calib_overrides:
         profile = replace(profile, calib=replace(profile.calib, **calib_overrides))
     start = time.time()
@@ -90,6 +99,15 @@ def _run(profile_name: str, model: str | None, device: str | None, exp: Experime
                              profile.device, profile.name, data_dir, zeroshot_batch, jobs,
                              on_task=lambda rows: upsert_rows(tables / "zeroshot.csv", rows, ZEROSHOT_COLUMNS))
     return exp, f"{time.time() - start:.0f} s"
+
+
+def share_gpu(device: str, jobs: int) -> None:
+    """With ``jobs`` runs on one GPU, cap each run's process at an equal share of its memory
+    (:func:`qllm_core.gpu_monitor.cap_gpu_memory`: without it, cached blocks one run no longer used made the
+    others run out). ``GPU_SHARE_USED`` of the memory is shared out; the rest stays for what the caps do not
+    count (each process's CUDA context, an MPS server)."""
+    if jobs > 1 and device.startswith("cuda"):
+        cap_gpu_memory(device, GPU_SHARE_USED / jobs)
 
 
 def main(argv: list[str] | None = None) -> int:

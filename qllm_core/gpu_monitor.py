@@ -1,6 +1,6 @@
 """How busy the GPU was during a piece of work (NVML utilization, sampled in the background), its peak
-memory (:class:`PeakMemory`), the memory still free for it (:func:`free_gpu_bytes`) and where its wall time
-went (:func:`timed`).
+memory (:class:`PeakMemory`), the memory still free for it (:func:`free_gpu_bytes`, within a cap set by
+:func:`cap_gpu_memory`) and where its wall time went (:func:`timed`).
 
 NVML's utilization is the share of the last sample period (1/6 s to 1 s, by GPU) in which one or
 more kernels ran, for the whole device (other processes' kernels count too: a run sharing the GPU
@@ -106,26 +106,57 @@ class PeakMemory:
         self.stop()
 
 
-def free_gpu_bytes(device: torch.device | str, enough: int | None = None) -> int:
-    """Bytes the driver can still give this process on ``device``, after handing back what this process
-    holds cached but no longer uses (unreachable Python objects, the caching allocator's free blocks).
-    ``mem_get_info`` alone counts those as used: one calibration-cost job refused to start because the
-    jobs before it in the same process had left ~90 GiB cached (reports/bench/gpu_session_4xH200.json).
+# Per-process caps set by cap_gpu_memory, in bytes by device index: what this process may hold at most.
+_CAPS: dict[int, int] = {}
 
-    With ``enough``, the clean-up runs only when the driver has less than ``enough`` free without it: a
+
+def cap_gpu_memory(device: torch.device | str, share: float) -> None:
+    """Cap what this process's caching allocator may hold on ``device`` at ``share`` of its memory.
+
+    Runs sharing one GPU each keep the blocks they freed cached for themselves; only a process that runs out
+    hands its cache back, so the others fail: in the stop-23 grid (8 runs on an 80 GB H100,
+    reports/bench/gpu_session_H100_stop23.json) runs whose peak allocation was 5-8 GiB held up to 22.4 GiB
+    and nine runs died out of memory. Under a cap the allocator hands its own cache back and retries when
+    an allocation would pass it, so a run holds little more than it uses."""
+    device = torch.device(device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if not 0 < share <= 1:
+        raise ValueError(f"GPU memory share must be in (0, 1], got {share}")
+    torch.cuda.set_per_process_memory_fraction(share, index)
+    _CAPS[index] = int(share * torch.cuda.get_device_properties(index).total_memory)
+
+
+def _room(device: torch.device) -> int:
+    """Bytes this process can still take from the driver: its free memory, within this process's cap."""
+    free = torch.cuda.mem_get_info(device)[0]
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index in _CAPS:
+        free = min(free, _CAPS[index] - torch.cuda.memory_reserved(device))
+    return free
+
+
+def free_gpu_bytes(device: torch.device | str, enough: int | None = None) -> int:
+    """Bytes the driver can still give this process on ``device`` (within its :func:`cap_gpu_memory` cap),
+    after handing back what this process holds cached but no longer uses (unreachable Python objects, the
+    caching allocator's free blocks). ``mem_get_info`` alone counts those as used: one calibration-cost job
+    refused to start because the jobs before it in the same process had left ~90 GiB cached
+    (reports/bench/gpu_session_4xH200.json). The cap matters before a CUDA-graph capture: its private pool
+    takes new blocks, and the allocator cannot hand its cache back during a capture.
+
+    With ``enough``, the clean-up runs only when less than ``enough`` is free without it: a
     ``gc.collect`` takes ~0.2 s in a process that has imported torch, transformers and lm-eval (this repo's
     2-core CPU host: reports/bench/quantizer_tie_flip_cpu.json), and handing the cache back makes the next allocations ask the driver again; a
     calibration asked before every one of its CUDA-graph captures (issue 9)."""
     device = torch.device(device)
     if enough is not None:
         torch.cuda.synchronize(device)
-        free = torch.cuda.mem_get_info(device)[0]
+        free = _room(device)
         if free >= enough:
             return free
     gc.collect()
     torch.cuda.synchronize(device)
     torch.cuda.empty_cache()
-    return torch.cuda.mem_get_info(device)[0]
+    return _room(device)
 
 
 @contextlib.contextmanager

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from eval.perplexity import window_losses
+from eval.profiles import get_profile
 from eval.reproduce import list_notebooks, run_notebook
 from tests.conftest import REPO, make_tiny_llama
 
@@ -73,8 +74,6 @@ def test_perplexity_notebook_runs_with_papermill(tiny_model_dir, data_dir, tmp_p
 
 
 def test_profile_grids_split_core_and_extra_without_overlap():
-    from eval.profiles import get_profile
-
     smoke = get_profile("smoke")
     core, extra = smoke.grid("core"), smoke.grid("extra")
     slugs = [e.slug() for e in core + extra]
@@ -86,7 +85,6 @@ def test_profile_grids_split_core_and_extra_without_overlap():
 
 
 def test_prequantize_makes_the_runs_the_notebook_reuses(tiny_model_dir, data_dir, tmp_path):
-    from eval.profiles import get_profile
     from qllm_core.runs import read_run
 
     env = {**os.environ, "QLLM_DATA_DIR": str(data_dir), "HF_HUB_OFFLINE": "1"}
@@ -201,3 +199,49 @@ def test_prequantize_gpu_slots_name_the_parents_devices():
     assert gpu_slots(2, 0, "0") == [None, None]  # CPU
     with pytest.raises(ValueError, match="names 1"):
         gpu_slots(2, 2, "3")
+
+
+def test_prequantize_starts_the_longest_runs_first(tmp_path):
+    """QLLM's error-correction runs start before its short reassembly-only runs (in the stop-23 grid the
+    reassembly-only runs took the slots and two error-correction runs never started), FP before everything."""
+    from eval.prequantize import pending
+
+    order = [e.report_method for e in pending(get_profile("paper").grid("all"), tmp_path, evaluate=True)]
+    assert order[0] == "fp" and order[-1].startswith("rtn")
+    assert order.index("qllm-reassembly") > max(i for i, method in enumerate(order) if method == "qllm")
+    assert order.index("flatquant") > order.index("omniquant")
+
+
+def test_prequantize_caps_each_run_sharing_a_gpu(monkeypatch):
+    """Runs sharing a GPU each get an equal share of its memory (none on the CPU or alone on the GPU)."""
+    import eval.prequantize as prequantize
+
+    caps = []
+    monkeypatch.setattr(prequantize, "cap_gpu_memory", lambda device, share: caps.append((device, share)))
+    prequantize.share_gpu("cuda", 1)
+    prequantize.share_gpu("cpu", 4)
+    assert caps == []
+    prequantize.share_gpu("cuda", 4)
+    assert caps == [("cuda", pytest.approx(prequantize.GPU_SHARE_USED / 4))]
+
+
+def test_capped_room_counts_what_the_process_holds(monkeypatch):
+    """Under a cap, free_gpu_bytes reports the smaller of the driver's free memory and the cap less what this
+    process reserved: a CUDA-graph capture must not be started on memory its process may not take."""
+    import qllm_core.gpu_monitor as gpu_monitor
+
+    gib = 2**30
+    state = {"reserved": 6 * gib}
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda share, index: None)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: type("P", (), {"total_memory": 80 * gib}))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (40 * gib, 80 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: state["reserved"])
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: state.update(reserved=2 * gib))
+    monkeypatch.setattr(gpu_monitor, "_CAPS", {})
+    assert gpu_monitor.free_gpu_bytes("cuda:0", enough=gib) == 40 * gib  # no cap: the driver's figure
+    gpu_monitor.cap_gpu_memory("cuda:0", 0.125)  # 10 GiB
+    assert gpu_monitor.free_gpu_bytes("cuda:0", enough=gib) == 4 * gib  # 10 - 6 reserved, no clean-up
+    assert gpu_monitor.free_gpu_bytes("cuda:0", enough=5 * gib) == 8 * gib  # cache handed back: 10 - 2
+    with pytest.raises(ValueError, match="share"):
+        gpu_monitor.cap_gpu_memory("cuda:0", 1.5)
