@@ -2,7 +2,8 @@
 
 Calibration leaves every decoder linear as a :class:`~qllm_core.quant.QuantLinear` whose weight is
 frozen on its int4 grid, already in the basis of its online input transform. :func:`to_kernels`
-replaces each by a :class:`kernels.qlinear.W4A4Linear`: the weight as packed int4 codes plus
+replaces each by a :class:`kernels.qlinear.W4A4Linear` (W4A4 decoding through the dp4a GEMV of
+:mod:`kernels.w4_gemv`): the weight as packed int4 codes plus
 per-output-channel scales (recovered *exactly* from the frozen weight, see
 :func:`weight_codes`), the online transform's Kronecker factors (FlatQuant's P1, P2; QuaRot's
 Hadamard factors at down_proj) handed to the fused transform + quantize kernel, and the activation
@@ -100,8 +101,11 @@ def kernel_linear(qlinear: QuantLinear, name: str, out_dtype: torch.dtype) -> nn
     cast = (lambda t: None if t is None else t.to(out_dtype).contiguous())  # noqa: E731
     codes_sum = codes.sum(dim=1).float() if act["act_asym"] else None
     device = qlinear.weight.device
+    # W4A4 decode (up to kernels.w4_gemv.CORE_MAX_M tokens) takes the CUDA-core dp4a GEMV: the same result bit for
+    # bit, 2.7-3.6x bf16 at batch 1 on an H200 against 0.7-1.0x for the tensor-core tiles (reports/kernels_notes.md)
+    decode_gemv = "dp4a" if act["act_bits"] == 4 else None
     return W4A4Linear(pack_int4(codes).to(device), scale.to(device), cast(p1), cast(p2), w_codes_sum=codes_sum,
-                      out_dtype=out_dtype, **act)
+                      out_dtype=out_dtype, decode_gemv=decode_gemv, **act)
 
 
 def to_kernels(model: nn.Module, adapter: ModelAdapter, out_dtype: torch.dtype | None = None) -> nn.Module:

@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from qllm_core.adapters import LINEAR_ROLES
 from qllm_core.deploy import to_kernels, weight_codes
 from qllm_core.engine import BlockwiseEngine
 from qllm_core.methods import QuantConfig, make_method
@@ -53,13 +54,16 @@ def test_kernel_model_matches_fake_quant_model(tiny_llama, device, method, quant
         reference = model(ids).logits
         to_kernels(model.to(device), adapter)
         kernel = model(ids.to(device)).logits.cpu()
+    decode_paths = {adapter.linear(layer, role).decode_gemv for layer in adapter.layers for role in LINEAR_ROLES}
+    assert decode_paths == {"dp4a" if quant.a_bits == 4 else None}  # W4A4 decodes through the dp4a GEMV
     rel = ((kernel - reference).norm() / reference.norm()).item()
     print(f"{method} {quant.label}: relative logit difference kernels vs fake-quant {rel:.2e}")
     assert rel < (1e-3 if quant.a_bits == 16 else 1e-4)  # W4A16 rounds activations to fp16
 
 
 def test_kernel_model_decodes_like_the_fake_quant_model(tiny_llama, device):
-    """Prefill + token-by-token decode (KV cache, M = 1 GEMV tiles) gives the same greedy tokens."""
+    """Prefill + token-by-token decode (KV cache, one token per step through the dp4a GEMV) gives the same
+    greedy tokens."""
     model, adapter, ids = _quantized(tiny_llama, "flatquant", QuantConfig(w_bits=4, a_bits=4, kv_bits=4), epochs=1)
     model.config.use_cache = True
     prompt = ids[:1, :8]
