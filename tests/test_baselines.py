@@ -156,6 +156,32 @@ def test_gptq_layer_error_below_rtn(kw, act_order):
         torch.testing.assert_close(torch.round(q_gptq / scale) * scale, q_gptq, rtol=0, atol=1e-6)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_gptq_block_graph_equals_the_eager_loop(monkeypatch, symmetric):
+    """On a GPU the per-channel block loop replays a CUDA graph: the same weights, bit for bit, as the eager loop
+    on the same GPU, for full and partial blocks (576 = 4 x 128 + 64 columns) and for a second weight of the same
+    shape (a replay of the graphs the first captured)."""
+    from qllm_core.algorithms import gptq
+
+    def eager(w1, hinv1, q1, scale, zero, qmin, qmax):
+        err1 = torch.zeros_like(w1)
+        gptq._quantize_columns(w1, hinv1, q1, err1, scale, zero, qmin, qmax)
+        return err1
+
+    quantizer = Quantizer(bits=4, symmetric=symmetric)
+    for seed in (0, 1):
+        x = _correlated_inputs(n=2048, d=576, seed=seed).cuda()
+        w = torch.randn(192, 576, generator=torch.Generator().manual_seed(seed)).cuda()
+        hessian = 2.0 * x.T @ x / x.shape[0]
+        graphed = gptq_quantize_weight(w, hessian, quantizer)
+        with monkeypatch.context() as patch:
+            patch.setattr(gptq, "_quantize_block", eager)
+            reference = gptq_quantize_weight(w, hessian, quantizer)
+        assert torch.equal(graphed, reference)
+    assert any(key[1:3] == (192, 64) for key in gptq._BLOCK_GRAPHS)  # the partial block has a graph of its own
+
+
 def test_hessian_accumulator_is_running_mean():
     lin = torch.nn.Linear(8, 4)
     xs = [torch.randn(2, 5, 8), torch.randn(1, 3, 8)]
