@@ -104,11 +104,12 @@ _BLOCK_GRAPHS: dict[tuple, tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor]]]
 def _quantize_block(w1, hinv1, q1, scale, zero, qmin: int, qmax: int) -> torch.Tensor:
     """One block of columns with per-channel scales: fills ``q1`` and returns the block's scaled errors.
 
-    On a GPU the block's loop is replayed from a CUDA graph: eagerly it launches ~8 small kernels per column
-    (a LLaMA decoder layer of the embedded model has 5568 input columns over its seven linears) and took
-    ~1.9 s per layer alone on an H200, 19 s with 8 runs sharing the GPU, the last run of the stop-24 paper
-    grid (reports/bench/gpu_session_H200_stop24.json). The replay runs the same kernels on the same values:
-    the result is the eager loop's, bit for bit (tested on the GPU)."""
+    On a GPU the block's loop is replayed from a CUDA graph: eagerly it launches ~8 small kernels per column (a
+    decoder layer of the embedded model has 5568 input columns over its seven linears), and GPTQ runs were the
+    slowest per layer with 8 runs sharing an H200 (19 s, the stop-24 grid's last run). Alone on an H200,
+    QuaRot+GPTQ's layers took 1.93 s with the graph against 2.86 s eagerly (stop 19; not a clean A/B:
+    reports/bench/gpu_session_H200_stop24.json). The replay runs the same kernels on the same values: the
+    result is the eager loop's, bit for bit (tested on the GPU)."""
     if w1.device.type != "cuda":
         err1 = torch.zeros_like(w1)
         _quantize_columns(w1, hinv1, q1, err1, scale, zero, qmin, qmax)
