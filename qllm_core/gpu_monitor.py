@@ -118,20 +118,23 @@ def cap_gpu_memory(device: torch.device | str, share: float) -> None:
     reports/bench/gpu_session_H100_stop23.json) runs whose peak allocation was 5-8 GiB held up to 22.4 GiB
     and nine runs died out of memory. Under a cap the allocator hands its own cache back and retries when
     an allocation would pass it, so a run holds little more than it uses."""
-    device = torch.device(device)
-    index = device.index if device.index is not None else torch.cuda.current_device()
     if not 0 < share <= 1:
         raise ValueError(f"GPU memory share must be in (0, 1], got {share}")
+    index = _index(torch.device(device))
     torch.cuda.set_per_process_memory_fraction(share, index)
     _CAPS[index] = int(share * torch.cuda.get_device_properties(index).total_memory)
+
+
+def _index(device: torch.device) -> int:
+    """The CUDA device index ``device`` names ("cuda" alone: the current device)."""
+    return device.index if device.index is not None else torch.cuda.current_device()
 
 
 def _room(device: torch.device) -> int:
     """Bytes this process can still take from the driver: its free memory, within this process's cap."""
     free = torch.cuda.mem_get_info(device)[0]
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index in _CAPS:
-        free = min(free, _CAPS[index] - torch.cuda.memory_reserved(device))
+    if _index(device) in _CAPS:
+        free = min(free, _CAPS[_index(device)] - torch.cuda.memory_reserved(device))
     return free
 
 

@@ -164,11 +164,6 @@ def test_gptq_block_graph_equals_the_eager_loop(monkeypatch, symmetric):
     shape (a replay of the graphs the first captured)."""
     from qllm_core.algorithms import gptq
 
-    def eager(w1, hinv1, q1, scale, zero, qmin, qmax):
-        err1 = torch.zeros_like(w1)
-        gptq._quantize_columns(w1, hinv1, q1, err1, scale, zero, qmin, qmax)
-        return err1
-
     quantizer = Quantizer(bits=4, symmetric=symmetric)
     for seed in (0, 1):
         x = _correlated_inputs(n=2048, d=576, seed=seed).cuda()
@@ -176,7 +171,7 @@ def test_gptq_block_graph_equals_the_eager_loop(monkeypatch, symmetric):
         hessian = 2.0 * x.T @ x / x.shape[0]
         graphed = gptq_quantize_weight(w, hessian, quantizer)
         with monkeypatch.context() as patch:
-            patch.setattr(gptq, "_quantize_block", eager)
+            patch.setattr(gptq, "_quantize_block", gptq._quantize_block_eagerly)
             reference = gptq_quantize_weight(w, hessian, quantizer)
         assert torch.equal(graphed, reference)
     assert any(key[1:3] == (192, 64) for key in gptq._BLOCK_GRAPHS)  # the partial block has a graph of its own

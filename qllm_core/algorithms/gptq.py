@@ -96,6 +96,13 @@ def _quantize_columns(w1, hinv1, q1, err1, scale, zero, qmin: int, qmax: int) ->
         _quantize_column(w1, hinv1, q1, err1, i, scale, zero, qmin, qmax)
 
 
+def _quantize_block_eagerly(w1, hinv1, q1, scale, zero, qmin: int, qmax: int) -> torch.Tensor:
+    """:func:`_quantize_block` without a graph: the column loop launched op by op."""
+    err1 = torch.zeros_like(w1)
+    _quantize_columns(w1, hinv1, q1, err1, scale, zero, qmin, qmax)
+    return err1
+
+
 # Captured block loops, by (device, rows, block width, dtype, integer range): (graph, static tensors). Every
 # decoder layer has the same linear shapes, so a run captures a few graphs at its first layer and replays them.
 _BLOCK_GRAPHS: dict[tuple, tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor]]] = {}
@@ -111,9 +118,7 @@ def _quantize_block(w1, hinv1, q1, scale, zero, qmin: int, qmax: int) -> torch.T
     reports/bench/gpu_session_H200_stop24.json). The replay runs the same kernels on the same values: the
     result is the eager loop's, bit for bit (tested on the GPU)."""
     if w1.device.type != "cuda":
-        err1 = torch.zeros_like(w1)
-        _quantize_columns(w1, hinv1, q1, err1, scale, zero, qmin, qmax)
-        return err1
+        return _quantize_block_eagerly(w1, hinv1, q1, scale, zero, qmin, qmax)
     key = (w1.device, *w1.shape, w1.dtype, qmin, qmax)
     if key not in _BLOCK_GRAPHS:
         _BLOCK_GRAPHS[key] = _capture_block(w1, hinv1, scale, zero, qmin, qmax)
